@@ -1,0 +1,49 @@
+# The two commands a new user needs (see README):
+#   make demo   set up a virtualenv and run the main job on the built-in miniature FLAIR-2
+#   make test   set up a virtualenv and run lint + the whole test suite (what .ci/run calls)
+#
+# Variables a cluster user may override:
+#   PYTHON       interpreter for the virtualenv (>= 3.11)            default: python3
+#   VENV         virtualenv folder                                   default: .venv
+#   TORCH_SPEC   torch requirement installed first                   default: torch==2.13.0
+#   TORCH_INDEX  extra index for CUDA wheels, e.g. V100 (sm_70):
+#                https://download.pytorch.org/whl/cu126              default: none
+#   DEMO_DIR     where the demo writes its data and runs             default: runs/demo
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+DEMO_DIR ?= runs/demo
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.damformer-installed
+TORCH_INDEX_ARG := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+
+.PHONY: install demo test lint clean-demo
+
+install: $(STAMP)
+
+# torch goes in first and alone: installed afterwards as a dependency, pip could resolve it to a
+# newer release with gigabytes of CUDA wheels (docs: infra.md).
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "damformer needs Python >= 3.11, $(PYTHON) is " + sys.version.split()[0])'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(TORCH_INDEX_ARG)
+	$(BIN)/python -m pip install --quiet -e ".[deepspeed,dev]"
+	$(BIN)/python -m pip check
+	@touch $@
+
+demo: install
+	PATH="$(abspath $(BIN)):$$PATH" bash launch/demo.sh "$(DEMO_DIR)"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
+
+clean-demo:
+	rm -rf "$(DEMO_DIR)"

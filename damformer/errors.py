@@ -1,0 +1,40 @@
+"""Exception types of damformer.
+
+Every problem with user input is raised as a subclass of :class:`DamformerError` whose message names the
+thing at fault (usually a file), what was expected and what was found. The CLI catches the base class
+once and prints the message as one line, with a non-zero exit code and no traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class DamformerError(Exception):
+    """Base class of all errors damformer reports to the user."""
+
+
+class DataLayoutError(DamformerError):
+    """A folder or file of the dataset layout is missing or ambiguous."""
+
+
+class DataFormatError(DamformerError):
+    """A file exists but its content is not what the format prescribes (dtype, shape, values)."""
+
+
+class DomainSelectionError(DamformerError):
+    """A requested domain id or preset does not match the dataset."""
+
+
+class NoClearDateError(DataFormatError):
+    """Every Sentinel-2 date of a patch is cloudy or snowy and the policy says not to keep one."""
+
+
+class OutputExistsError(DamformerError):
+    """An output path exists and overwriting was not requested."""
+
+
+def mismatch(path: Path | str, what: str, *, expected: object, found: object, fix: str = "") -> str:
+    """Format the standard one-line message: ``FILE: WHAT: expected X, found Y. FIX``."""
+    message = f"{path}: {what}: expected {expected}, found {found}"
+    return f"{message}. {fix}" if fix else message
