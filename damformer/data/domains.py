@@ -71,7 +71,8 @@ def select_domains(available: Iterable[str], requested: Sequence[str] | None) ->
             if not re.match(r"^D\d{3}(_\d{4})?$", token_id):
                 raise DomainSelectionError(
                     f"domain '{token}': expected an id like D080_2021, a prefix like D080, "
-                    f"'all' or a preset ({', '.join(DOMAIN_PRESETS)})"
+                    f"'all' or a preset ({', '.join(DOMAIN_PRESETS)}) "
+                    f"(available: {', '.join(available_sorted) or 'none'})"
                 )
             found = [d for d in available_sorted if _matches(token_id, d)]
             if not found:

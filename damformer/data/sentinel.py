@@ -4,7 +4,7 @@ Each zone has one superpatch shared by all its patches (flair2-format.md):
 
 - ``*_data.npy``   (T, 10, H, W) int16/uint16 reflectance x 10000, bands B2 B3 B4 B5 B6 B7 B8 B8A B11 B12
 - ``*_masks.npy``  (T, 2, H, W) uint8 probabilities 0..100, channel 0 snow, channel 1 cloud
-- ``*_products.txt`` T product names, the acquisition date is the first ``_YYYYMMDDTHHMMSS_`` field
+- ``*_products.txt`` T product names, the acquisition date is the third field ``YYYYMMDDTHHMMSS``
 
 The functions here are pure (arrays in, arrays out) so they can be tested on hand-made arrays.
 """
@@ -27,7 +27,9 @@ NUM_S2_BANDS = len(S2_BANDS)
 SNOW_CHANNEL = 0
 CLOUD_CHANNEL = 1
 
-_PRODUCT_DATE = re.compile(r"_(\d{8})T\d{6}")
+# The sensing time is the third field (S2A_MSIL2A_<YYYYMMDDTHHMMSS>_...); the last field is the processing time,
+# which must never be taken for it.
+_PRODUCT_DATE = re.compile(r"^[^_]+_[^_]+_(\d{8})T\d{6}(?:_|$)")
 
 
 @dataclass(frozen=True)
@@ -84,14 +86,14 @@ class SentinelOptions:
 def parse_product_dates(lines: Sequence[str], *, source: Path | str) -> list[dt.date]:
     """Parse acquisition dates from Sentinel-2 product names (one per line, blank lines ignored).
 
-    The full date is parsed (not only month and day, as the baseline does).
+    The full date is parsed (not only month and day, as the baseline does) from the third field.
 
     Raises:
-        DataFormatError: a line holds no ``_YYYYMMDDTHHMMSS`` field or an impossible date.
+        DataFormatError: the third field is not ``YYYYMMDDTHHMMSS``, or the date is impossible.
     """
     dates = []
     for number, line in enumerate(lines, start=1):
-        match = _PRODUCT_DATE.search(line)
+        match = _PRODUCT_DATE.match(line.strip())
         if match is None:
             raise DataFormatError(
                 mismatch(

@@ -165,12 +165,12 @@ def _masks_for_date(
 
 
 def _superpatch(
-    rng: np.random.Generator, job: _ZoneJob, shape: tuple[int, int], seeds: np.ndarray, classes: np.ndarray,
+    rng: np.random.Generator, job: _ZoneJob, shape: tuple[int, int], seeds: scene.RegionSeeds,
     dates: list[dt.date],
 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """The zone's Sentinel-2 data (T, 10, H, W) and masks (T, 2, H, W), and its overcast date indices."""
     shift = scene.REGION_SHIFTS[job.region]
-    fractions = scene.class_fractions(seeds, classes, *shape)
+    fractions = scene.class_fractions(seeds, *shape)
     data = np.empty((len(dates), 10, *shape), dtype=np.float64)
     masks = np.empty((len(dates), 2, *shape), dtype=np.uint8)
     overcast = []
@@ -209,9 +209,9 @@ def _write_zone(root: Path, options: SynthOptions, job: _ZoneJob) -> Iterator[tu
     side = math.ceil(math.sqrt(options.patches_per_zone))
     height = options.crop_size + (side - 1) * spacing + int(rng.integers(0, 8))
     width = options.crop_size + (side - 1) * spacing + int(rng.integers(0, 14))  # superpatches need not be square
-    seeds, classes = scene.jittered_seeds(rng, height, width, job.region)
+    seeds = scene.jittered_seeds(rng, height, width, job.region)
     dates = _acquisition_dates(rng, year, int(rng.integers(options.min_dates, options.max_dates + 1)))
-    data, masks, overcast = _superpatch(rng, job, (height, width), seeds, classes, dates)
+    data, masks, overcast = _superpatch(rng, job, (height, width), seeds, dates)
     dtype = np.int16 if job.zone_index % 2 == 0 else np.uint16  # the format allows both
     aerial_dir, labels_dir, sen_dir = (root / name / job.domain / job.zone for name in _FOLDERS[job.split])
     sen = sen_dir / "sen"
@@ -237,7 +237,7 @@ def _write_zone(root: Path, options: SynthOptions, job: _ZoneJob) -> Iterator[tu
         axis = (np.arange(size) + 0.5) * pixel_cells - size * pixel_cells / 2
         points = np.stack(np.meshgrid(row + axis, col + axis, indexing="ij"), axis=-1)
         warp = np.stack([scene.smooth_noise(rng, size, 6), scene.smooth_noise(rng, size, 6)], axis=-1) * 0.25
-        region_map = scene.nearest_region(points + warp, seeds, classes)
+        region_map = scene.nearest_region(points + warp, seeds)
         raw = scene.render_raw_labels(rng, region_map, job.region)
         aerial = scene.render_aerial(rng, raw, shift, jitter)
         centre_x, centre_y = zone_x + col * scene.CELL_M, zone_y - row * scene.CELL_M

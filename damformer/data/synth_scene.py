@@ -24,6 +24,7 @@ CELL_M = 10.0  # Sentinel-2 pixel
 AERIAL_M = 0.2  # aerial pixel
 REGION_BLOCK_CELLS = 3.5  # one land-cover region seed per block of this many S2 cells (35 m)
 
+NOISE_SCALE = 2.2  # per-pixel noise multiplier: classes overlap pixel-wise, texture and context separate them
 URBAN = 1  # region code 1 renders as urban fabric: roofs (1), streets (3), gardens (2), pools (13)
 
 # Region priors by raw FLAIR class value. "building" means urban fabric (see URBAN).
@@ -127,36 +128,57 @@ class RegionShift:
 
 REGION_SHIFTS: dict[str, RegionShift] = {
     "south": RegionShift((1.0, 1.0, 1.0, 1.0), (0.0, 0.0, 0.0, 0.0), 1.0, 0.0, 1.0),
-    "north": RegionShift((0.80, 0.88, 1.08, 0.78), (-6.0, 4.0, 22.0, 4.0), 0.86, 28.0, 0.92),
+    "north": RegionShift((0.88, 0.94, 1.06, 0.86), (-4.0, 2.0, 12.0, 2.0), 0.92, 28.0, 0.92),
 }
 
 
-def jittered_seeds(rng: np.random.Generator, height: int, width: int, region: str) -> tuple[np.ndarray, np.ndarray]:
-    """Land-cover region seeds over a zone: (N, 2) positions in S2-cell units and (N,) raw class codes."""
+@dataclass(frozen=True)
+class RegionSeeds:
+    """Land-cover region seeds of a zone on a jittered grid (one seed per block of REGION_BLOCK_CELLS).
+
+    Attributes:
+        positions: (R, C, 2) seed positions in S2-cell units (row, col); block (0, 0) starts at -1 block.
+        classes: (R, C) raw class code of each seed's region.
+    """
+
+    positions: np.ndarray
+    classes: np.ndarray
+
+
+def jittered_seeds(rng: np.random.Generator, height: int, width: int, region: str) -> RegionSeeds:
+    """Draw a zone's region seeds: a jittered grid covering the superpatch plus one block of margin."""
     rows = np.arange(-1, int(np.ceil(height / REGION_BLOCK_CELLS)) + 1)
     cols = np.arange(-1, int(np.ceil(width / REGION_BLOCK_CELLS)) + 1)
-    grid = np.stack(np.meshgrid(rows, cols, indexing="ij"), axis=-1).reshape(-1, 2).astype(np.float64)
+    grid = np.stack(np.meshgrid(rows, cols, indexing="ij"), axis=-1).astype(np.float64)
     positions = (grid + rng.uniform(0.0, 1.0, size=grid.shape)) * REGION_BLOCK_CELLS
     priors = REGION_PRIORS[region]
     codes = np.array(list(priors), dtype=np.int64)
     weights = np.array(list(priors.values()), dtype=np.float64)
-    classes = rng.choice(codes, size=len(positions), p=weights / weights.sum())
-    return positions, classes
+    classes = rng.choice(codes, size=grid.shape[:2], p=weights / weights.sum())
+    return RegionSeeds(positions, classes)
 
 
-def nearest_region(points: np.ndarray, seeds: np.ndarray, seed_classes: np.ndarray) -> np.ndarray:
-    """Class of the nearest seed for each point; points (..., 2) and seeds (N, 2) in the same units."""
+def nearest_region(points: np.ndarray, seeds: RegionSeeds) -> np.ndarray:
+    """Class of the nearest seed for each point (..., 2) given in S2-cell units.
+
+    On a jittered grid the nearest seed always lies within two blocks of the point's own block, so each
+    chunk of points is compared only with the seeds of its bounding box plus two blocks: exact, and fast
+    because a patch's points span only a few blocks.
+    """
     flat = points.reshape(-1, 2)
-    lo = flat.min(axis=0) - 2.5 * REGION_BLOCK_CELLS
-    hi = flat.max(axis=0) + 2.5 * REGION_BLOCK_CELLS
-    # Seeds lie on a jittered grid, so the nearest one is always within two blocks of the points' box.
-    near = np.all((seeds >= lo) & (seeds <= hi), axis=1)
-    local, local_classes = seeds[near], seed_classes[near]
+    num_rows, num_cols = seeds.classes.shape
     result = np.empty(len(flat), dtype=np.int64)
-    for start in range(0, len(flat), 65536):
-        chunk = flat[start : start + 65536]
-        distance = ((chunk[:, None, :] - local[None, :, :]) ** 2).sum(axis=-1)
-        result[start : start + 65536] = local_classes[np.argmin(distance, axis=1)]
+    chunk_size = 16384
+    for start in range(0, len(flat), chunk_size):
+        chunk = flat[start : start + chunk_size]
+        lo = np.floor(chunk.min(axis=0) / REGION_BLOCK_CELLS).astype(int) + 1 - 2  # +1: grid starts one block early
+        hi = np.floor(chunk.max(axis=0) / REGION_BLOCK_CELLS).astype(int) + 1 + 2
+        r0, c0 = max(lo[0], 0), max(lo[1], 0)
+        r1, c1 = min(hi[0], num_rows - 1) + 1, min(hi[1], num_cols - 1) + 1
+        candidates = seeds.positions[r0:r1, c0:c1].reshape(-1, 2)
+        candidate_classes = seeds.classes[r0:r1, c0:c1].reshape(-1)
+        distance = (chunk[:, 0, None] - candidates[None, :, 0]) ** 2 + (chunk[:, 1, None] - candidates[None, :, 1]) ** 2
+        result[start : start + chunk_size] = candidate_classes[np.argmin(distance, axis=1)]
     return result.reshape(points.shape[:-1])
 
 
@@ -201,7 +223,7 @@ def render_raw_labels(
         angle = rng.uniform(0, np.pi)
         offset = rng.uniform(0.2, 0.8) * size
         distance = np.abs((rows - size / 2) * np.cos(angle) - (cols - size / 2) * np.sin(angle) + offset - size / 2)
-        road = (distance < rng.uniform(12, 22) * scale) & (region_map != 5)
+        road = (distance < rng.uniform(5, 9) * scale) & (region_map != 5)
         labels[road] = 3
     return labels
 
@@ -229,7 +251,7 @@ def render_aerial(
         elif look.texture == "stripes":
             on = (np.floor(along[where] / look.stripe_period) % 2).astype(bool)
             image[:4, where] += np.array(look.stripe_rgbn)[:, None] * on[None, :]
-        image[:4, where] += rng.normal(0.0, look.noise, size=(4, int(where.sum())))
+        image[:4, where] += rng.normal(0.0, look.noise * NOISE_SCALE, size=(4, int(where.sum())))
         if PHENOLOGY[int(code)].base + PHENOLOGY[int(code)].amplitude > 0.5:
             vegetated |= where
     image[4] += rng.normal(0.0, 1.5, size=(size, size))
@@ -257,12 +279,12 @@ def class_signatures(day_of_year: float, shift: RegionShift) -> np.ndarray:
     return np.stack(rows) * shift.s2_gain
 
 
-def class_fractions(seeds: np.ndarray, seed_classes: np.ndarray, height: int, width: int) -> np.ndarray:
+def class_fractions(seeds: RegionSeeds, height: int, width: int) -> np.ndarray:
     """(19, H, W) fraction of each raw class inside each S2 cell, from 5 x 5 sub-samples per cell."""
     sub = (np.arange(5) + 0.5) / 5.0
     rows = (np.arange(height)[:, None] + sub[None, :]).reshape(-1)
     cols = (np.arange(width)[:, None] + sub[None, :]).reshape(-1)
     points = np.stack(np.meshgrid(rows, cols, indexing="ij"), axis=-1)
-    classes = nearest_region(points, seeds, seed_classes).reshape(height, 5, width, 5)
+    classes = nearest_region(points, seeds).reshape(height, 5, width, 5)
     fractions = np.stack([(classes == code).mean(axis=(1, 3)) for code in RAW_CODES])
     return fractions
