@@ -33,30 +33,61 @@ class _OptionError(Exception):
 def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("dataset layout (defaults: the FLAIR-2 names under --root)")
     group.add_argument("--root", type=Path, required=True, help="FLAIR-2 folder (real, toy or miniature)")
-    group.add_argument("--split", choices=["train", "test"], default="train",
-                       help="train: flair_*_train folders; test: flair_2_*_test folders")
-    group.add_argument("--domains", nargs="+", default=None, metavar="DOMAIN",
-                       help="ids (D080_2021), prefixes (D080), presets (north, south) or 'all' (default: all)")
+    group.add_argument(
+        "--split",
+        choices=["train", "test"],
+        default="train",
+        help="train: flair_*_train folders; test: flair_2_*_test folders",
+    )
+    group.add_argument(
+        "--domains",
+        nargs="+",
+        default=None,
+        metavar="DOMAIN",
+        help="ids (D080_2021), prefixes (D080), presets (north, south) or 'all' (default: all)",
+    )
     group.add_argument("--aerial-dir", type=Path, help="aerial folder, if not a standard name")
     group.add_argument("--labels-dir", type=Path, help="labels folder, if not a standard name")
     group.add_argument("--sen-dir", type=Path, help="Sentinel-2 folder, if not a standard name")
     group.add_argument("--centroids-json", type=Path, help="flair-2_centroids_sp_to_patch.json, if elsewhere")
-    group.add_argument("--metadata-json", type=Path, help="flair_aerial_metadata.json (or metadata_aerial.json)")
-    group.add_argument("--patch-size", type=int, default=None,
-                       help="expected aerial side in pixels (512 for FLAIR-2); default: any square size")
+    group.add_argument(
+        "--metadata-json", type=Path, help="flair_aerial_metadata.json (or metadata_aerial.json)"
+    )
+    group.add_argument(
+        "--patch-size",
+        type=int,
+        default=None,
+        help="expected aerial side in pixels (512 for FLAIR-2); default: any square size",
+    )
     group.add_argument("--no-labels", action="store_true", help="do not read labels (unlabelled target)")
     group.add_argument("--no-s2", action="store_true", help="do not read Sentinel-2 (aerial-only)")
 
     s2 = parser.add_argument_group("Sentinel-2 (defaults: the FLAIR-2 baseline's)")
-    s2.add_argument("--sat-size", type=int, default=40, help="side of the crop around the centroid, S2 pixels")
+    s2.add_argument(
+        "--sat-size", type=int, default=40, help="side of the crop around the centroid, S2 pixels"
+    )
     s2.add_argument("--no-cloud-filter", action="store_true", help="keep cloudy and snowy dates")
-    s2.add_argument("--mask-threshold", type=int, default=60,
-                    help="a pixel is cloudy/snowy when its mask probability is >= this (0..100)")
-    s2.add_argument("--max-cover", type=float, default=0.5,
-                    help="keep a date when (snowy + cloudy pixels) / crop area < this")
-    s2.add_argument("--no-monthly", action="store_true", help="keep individual dates instead of monthly means")
-    s2.add_argument("--no-clear-date", choices=["least_cloudy", "error"], default="least_cloudy",
-                    help="what to do when every date of a patch is cloudy")
+    s2.add_argument(
+        "--mask-threshold",
+        type=int,
+        default=60,
+        help="a pixel is cloudy/snowy when its mask probability is >= this (0..100)",
+    )
+    s2.add_argument(
+        "--max-cover",
+        type=float,
+        default=0.5,
+        help="keep a date when (snowy + cloudy pixels) / crop area < this",
+    )
+    s2.add_argument(
+        "--no-monthly", action="store_true", help="keep individual dates instead of monthly means"
+    )
+    s2.add_argument(
+        "--no-clear-date",
+        choices=["least_cloudy", "error"],
+        default="least_cloudy",
+        help="what to do when every date of a patch is cloudy",
+    )
 
 
 def _dataset_from_args(args: argparse.Namespace):  # noqa: ANN202 (import kept lazy: torch-free CLI start)
@@ -64,15 +95,27 @@ def _dataset_from_args(args: argparse.Namespace):  # noqa: ANN202 (import kept l
 
     try:
         sentinel = SentinelOptions(
-            crop_size=args.sat_size, cloud_filter=not args.no_cloud_filter, mask_threshold=args.mask_threshold,
-            max_cover=args.max_cover, monthly_average=not args.no_monthly, no_clear_date=args.no_clear_date,
+            crop_size=args.sat_size,
+            cloud_filter=not args.no_cloud_filter,
+            mask_threshold=args.mask_threshold,
+            max_cover=args.max_cover,
+            monthly_average=not args.no_monthly,
+            no_clear_date=args.no_clear_date,
         )
     except ValueError as exc:
         raise _OptionError(str(exc)) from None
     return Flair2Dataset(
-        args.root, split=args.split, domains=args.domains, sentinel=sentinel, with_labels=not args.no_labels,
-        with_s2=not args.no_s2, patch_size=args.patch_size, aerial_dir=args.aerial_dir,
-        labels_dir=args.labels_dir, sen_dir=args.sen_dir, centroids_json=args.centroids_json,
+        args.root,
+        split=args.split,
+        domains=args.domains,
+        sentinel=sentinel,
+        with_labels=not args.no_labels,
+        with_s2=not args.no_s2,
+        patch_size=args.patch_size,
+        aerial_dir=args.aerial_dir,
+        labels_dir=args.labels_dir,
+        sen_dir=args.sen_dir,
+        centroids_json=args.centroids_json,
         metadata_json=args.metadata_json,
     )
 
@@ -82,16 +125,22 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
     try:
         options = SynthOptions(
-            seed=args.seed, patch_size=512 if args.full_size else args.patch_size,
-            domains_per_region=args.domains_per_region, zones_per_domain=args.zones_per_domain,
-            test_zones_per_domain=args.test_zones_per_domain, patches_per_zone=args.patches_per_zone,
+            seed=args.seed,
+            patch_size=512 if args.full_size else args.patch_size,
+            domains_per_region=args.domains_per_region,
+            zones_per_domain=args.zones_per_domain,
+            test_zones_per_domain=args.test_zones_per_domain,
+            patches_per_zone=args.patches_per_zone,
         )
     except ValueError as exc:
         raise _OptionError(str(exc)) from None
     info = generate(args.out, options, overwrite=args.overwrite)
     counts = ", ".join(f"{key}: {value}" for key, value in sorted(info["patches"].items()))
     print(f"miniature FLAIR-2 written to {args.out} ({counts} patches of {options.patch_size} px)")
-    print(f"south domains: {' '.join(info['regions']['south'])}; north domains: {' '.join(info['regions']['north'])}")
+    print(
+        f"south domains: {' '.join(info['regions']['south'])}; "
+        f"north domains: {' '.join(info['regions']['north'])}"
+    )
     return 0
 
 
@@ -107,8 +156,10 @@ def _cmd_read(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``damformer`` command (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(
-        prog="damformer", formatter_class=_Formatter,
-        description="DAM-Former: aerial + Sentinel-2 land-cover segmentation with unsupervised domain adaptation.",
+        prog="damformer",
+        formatter_class=_Formatter,
+        description="DAM-Former: aerial + Sentinel-2 land-cover segmentation with unsupervised domain "
+        "adaptation.",
         epilog="Run 'damformer COMMAND --help' for the options and an example of each command.",
     )
     parser.add_argument("--version", action="version", version=f"damformer {__version__}")
@@ -117,18 +168,23 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     synth = commands.add_parser(
-        "synth", formatter_class=_Formatter, help="write a miniature FLAIR-2 (demo and test data)",
+        "synth",
+        formatter_class=_Formatter,
+        help="write a miniature FLAIR-2 (demo and test data)",
         description="Write a small dataset in exactly the FLAIR-2 layout: 5-band aerial GeoTIFFs (EPSG:2154, "
-                    "0.2 m), labels, Sentinel-2 superpatches, centroid and metadata JSON; real south and north "
-                    "domain ids with a learnable, domain-shifted signal.",
-        epilog="example:\n  damformer synth --out runs/demo/flair2\n  damformer synth --out /tmp/f2 --full-size "
-               "--patches-per-zone 4",
+        "0.2 m), labels, Sentinel-2 superpatches, centroid and metadata JSON; real south and north "
+        "domain ids with a learnable, domain-shifted signal.",
+        epilog="example:\n  damformer synth --out runs/demo/flair2\n"
+        "  damformer synth --out /tmp/f2 --full-size "
+        "--patches-per-zone 4",
     )
     synth.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
     synth.add_argument("--seed", type=int, default=0, help="the dataset is a function of this seed")
     synth.add_argument("--patch-size", type=int, default=256, help="aerial side in pixels (multiple of 32)")
     synth.add_argument("--full-size", action="store_true", help="real FLAIR-2 size: 512 x 512 patches")
-    synth.add_argument("--domains-per-region", type=int, default=2, help="south and north domains each (1..5)")
+    synth.add_argument(
+        "--domains-per-region", type=int, default=2, help="south and north domains each (1..5)"
+    )
     synth.add_argument("--zones-per-domain", type=int, default=2, help="train-split zones per domain")
     synth.add_argument("--test-zones-per-domain", type=int, default=1, help="test-split zones per domain")
     synth.add_argument("--patches-per-zone", type=int, default=6, help="aerial patches per zone")
@@ -136,11 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(run=_cmd_synth)
 
     read = commands.add_parser(
-        "read", formatter_class=_Formatter, help="read and validate every patch of a FLAIR-2 selection",
+        "read",
+        formatter_class=_Formatter,
+        help="read and validate every patch of a FLAIR-2 selection",
         description="Read every patch of the selected domains (aerial, label, Sentinel-2 crop: cloud filter, "
-                    "monthly means) and print per-domain statistics. Any malformed file is reported by name.",
+        "monthly means) and print per-domain statistics. Any malformed file is reported by name.",
         epilog="example:\n  damformer read --root /data/FLAIR2 --domains south\n"
-               "  damformer read --root runs/demo/flair2 --domains north --split test --no-monthly",
+        "  damformer read --root runs/demo/flair2 --domains north --split test --no-monthly",
     )
     _add_dataset_arguments(read)
     read.set_defaults(run=_cmd_read)

@@ -31,6 +31,12 @@ def progress(items: Iterable[T], *, desc: str, unit: str = "it", total: int | No
     disabled = os.environ.get(_QUIET_ENV) == "1"
     interactive = sys.stderr.isatty()
     yield from tqdm(
-        items, desc=desc, unit=unit, total=total, disable=disabled, file=sys.stderr, dynamic_ncols=True,
+        items,
+        desc=desc,
+        unit=unit,
+        total=total,
+        disable=disabled,
+        file=sys.stderr,
+        dynamic_ncols=True,
         mininterval=0.1 if interactive else 30.0,
     )

@@ -13,8 +13,14 @@ from damformer.data.synth import SynthOptions, generate
 DEMO_OPTIONS = SynthOptions(seed=0)
 # A tiny copy for tests that corrupt files: one domain per region, one zone, two 64 px patches.
 TINY_OPTIONS = SynthOptions(
-    seed=3, patch_size=64, domains_per_region=1, zones_per_domain=1, test_zones_per_domain=0, patches_per_zone=2,
-    min_dates=8, max_dates=12,
+    seed=3,
+    patch_size=64,
+    domains_per_region=1,
+    zones_per_domain=1,
+    test_zones_per_domain=0,
+    patches_per_zone=2,
+    min_dates=8,
+    max_dates=12,
 )
 
 

@@ -64,7 +64,14 @@ def select_domains(available: Iterable[str], requested: Sequence[str] | None) ->
                     f"(available: {', '.join(available_sorted) or 'none'})"
                 )
             if missing:
-                log.warning("preset '%s': domains not in the dataset, skipped: %s", token, ", ".join(missing))
+                log.warning(
+                    "preset '%s': %d of its %d domains are not in this dataset (%s); using %s",
+                    token,
+                    len(missing),
+                    len(members),
+                    ", ".join(missing),
+                    ", ".join(found),
+                )
             chosen.update(found)
         else:
             token_id = token.upper()
@@ -77,7 +84,8 @@ def select_domains(available: Iterable[str], requested: Sequence[str] | None) ->
             found = [d for d in available_sorted if _matches(token_id, d)]
             if not found:
                 raise DomainSelectionError(
-                    f"domain '{token}' is not in the dataset (available: {', '.join(available_sorted) or 'none'})"
+                    f"domain '{token}' is not in the dataset "
+                    f"(available: {', '.join(available_sorted) or 'none'})"
                 )
             chosen.update(found)
     return sorted(chosen)

@@ -159,7 +159,9 @@ class Flair2Dataset:
     def read(self, patch: PatchRef) -> Flair2Sample:
         """Read one patch (aerial, label, Sentinel-2 crop, metadata)."""
         aerial, crs, transform = self._read_aerial(patch.aerial_path)
-        label = self._read_label(patch.label_path, aerial.shape[1:], crs, transform) if self.with_labels else None
+        label = (
+            self._read_label(patch.label_path, aerial.shape[1:], crs, transform) if self.with_labels else None
+        )
         sample = Flair2Sample(
             patch_id=patch.patch_id,
             domain=patch.domain,
@@ -187,26 +189,34 @@ class Flair2Dataset:
                 )
             )
         if height != width:
-            raise DataFormatError(mismatch(path, "aerial patch size", expected="a square", found=f"{height} x {width}"))
+            raise DataFormatError(
+                mismatch(path, "aerial patch size", expected="a square", found=f"{height} x {width}")
+            )
         if crs is None:
             raise DataFormatError(f"{path}: aerial patch has no CRS (FLAIR-2 patches are in EPSG:2154)")
         return array, crs, transform
 
     @staticmethod
-    def _read_label(
-        path: Path | None, size: tuple[int, ...], crs: str, transform: Affine
-    ) -> np.ndarray:
+    def _read_label(path: Path | None, size: tuple[int, ...], crs: str, transform: Affine) -> np.ndarray:
         assert path is not None  # discover() resolved it because with_labels is set
         array, label_crs, label_transform = _read_geotiff(path, what="label", bands=1)
         if array.shape[1:] != size:
             raise DataFormatError(
-                mismatch(path, "label size", expected=f"{size[0]} x {size[1]} (as its aerial patch)",
-                         found=f"{array.shape[1]} x {array.shape[2]}")
+                mismatch(
+                    path,
+                    "label size",
+                    expected=f"{size[0]} x {size[1]} (as its aerial patch)",
+                    found=f"{array.shape[1]} x {array.shape[2]}",
+                )
             )
         if label_crs is not None and (label_crs != crs or not label_transform.almost_equals(transform)):
             raise DataFormatError(
-                mismatch(path, "label georeferencing", expected=f"{crs} {tuple(transform)[:6]} (as its aerial patch)",
-                         found=f"{label_crs} {tuple(label_transform)[:6]}")
+                mismatch(
+                    path,
+                    "label georeferencing",
+                    expected=f"{crs} {tuple(transform)[:6]} (as its aerial patch)",
+                    found=f"{label_crs} {tuple(label_transform)[:6]}",
+                )
             )
         bad = invalid_raw_values(array[0])
         if bad:
@@ -216,7 +226,9 @@ class Flair2Dataset:
     def _read_s2(self, patch: PatchRef) -> dict[str, Any]:
         zone = self._zone(patch)
         rows, cols = crop_window(
-            self.centroids[patch.patch_id], crop_size=self.sentinel.crop_size, superpatch_hw=zone.data.shape[2:]
+            self.centroids[patch.patch_id],
+            crop_size=self.sentinel.crop_size,
+            superpatch_hw=zone.data.shape[2:],
         ) or (slice(0), slice(0))  # validated at open: the window always fits
         options = self.sentinel
         masks_all = np.asarray(zone.masks[:, :, rows, cols])
@@ -224,7 +236,9 @@ class Flair2Dataset:
         if options.cloud_filter:
             cover = cloud_cover(masks_all, threshold=options.mask_threshold)
             keep = select_clear_dates(
-                cover, max_cover=options.max_cover, policy=options.no_clear_date,
+                cover,
+                max_cover=options.max_cover,
+                policy=options.no_clear_date,
                 source=f"{zone.files.masks} (patch {patch.patch_id})",
             )
         s2 = np.asarray(zone.data[keep][:, :, rows, cols], dtype=np.float32)
@@ -263,17 +277,27 @@ class Flair2Dataset:
             row, col = centroid
             if not (0 <= row < height and 0 <= col < width):
                 raise DataFormatError(
-                    mismatch(source, f"centroid of {patch.centroid_key}",
-                             expected=f"(row, col) inside the {height} x {width} superpatch of {zone.files.data.name}",
-                             found=f"{list(centroid)}")
+                    mismatch(
+                        source,
+                        f"centroid of {patch.centroid_key}",
+                        expected=f"(row, col) inside the {height} x {width} superpatch "
+                        f"of {zone.files.data.name}",
+                        found=f"{list(centroid)}",
+                    )
                 )
-            if crop_window(centroid, crop_size=self.sentinel.crop_size, superpatch_hw=(height, width)) is None:
+            if (
+                crop_window(centroid, crop_size=self.sentinel.crop_size, superpatch_hw=(height, width))
+                is None
+            ):
                 raise DataFormatError(
-                    mismatch(source, f"centroid of {patch.centroid_key}",
-                             expected=f"a {self.sentinel.crop_size} x {self.sentinel.crop_size} crop inside the "
-                                      f"{height} x {width} superpatch of {zone.files.data.name}",
-                             found=f"centre {list(centroid)}, too close to the edge",
-                             fix="Use a smaller crop size (--sat-size)")
+                    mismatch(
+                        source,
+                        f"centroid of {patch.centroid_key}",
+                        expected=f"a {self.sentinel.crop_size} x {self.sentinel.crop_size} crop inside the "
+                        f"{height} x {width} superpatch of {zone.files.data.name}",
+                        found=f"centre {list(centroid)}, too close to the edge",
+                        fix="Use a smaller crop size (--sat-size)",
+                    )
                 )
             self.centroids[patch.patch_id] = centroid
 
@@ -297,7 +321,9 @@ def _read_geotiff(path: Path, *, what: str, bands: int) -> tuple[np.ndarray, str
             crs = src.crs.to_string() if src.crs else None
             transform = src.transform
     except RasterioError as exc:
-        raise DataFormatError(f"{path}: cannot read {what} GeoTIFF (truncated or not a GeoTIFF?): {exc}") from None
+        raise DataFormatError(
+            f"{path}: cannot read {what} GeoTIFF (truncated or not a GeoTIFF?): {exc}"
+        ) from None
     return array, crs, transform
 
 
@@ -310,11 +336,19 @@ def _parse_centroid(value: Any, patch: PatchRef, source: Path | None) -> tuple[i
     ok = (
         isinstance(value, list | tuple)
         and len(value) == 2
-        and all(isinstance(v, int | float) and not isinstance(v, bool) and float(v).is_integer() for v in value)
+        and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and float(v).is_integer() for v in value
+        )
     )
     if not ok:
-        raise DataFormatError(mismatch(source or "centroid JSON", f"centroid of {patch.centroid_key}",
-                                       expected="[row, col] integers", found=repr(value)))
+        raise DataFormatError(
+            mismatch(
+                source or "centroid JSON",
+                f"centroid of {patch.centroid_key}",
+                expected="[row, col] integers",
+                found=repr(value),
+            )
+        )
     return int(value[0]), int(value[1])
 
 
@@ -325,21 +359,42 @@ def _open_zone(layout: Flair2Layout, patch: PatchRef) -> _ZoneSeries:
     masks = _load_npy(files.masks)
     dates = read_products(files.products)
     if data.ndim != 4 or data.shape[1] != NUM_S2_BANDS:
-        raise DataFormatError(mismatch(files.data, "Sentinel-2 data shape", expected=f"(T, {NUM_S2_BANDS}, H, W)",
-                                       found=data.shape))
+        raise DataFormatError(
+            mismatch(
+                files.data, "Sentinel-2 data shape", expected=f"(T, {NUM_S2_BANDS}, H, W)", found=data.shape
+            )
+        )
     if data.dtype not in _S2_DTYPES:
-        raise DataFormatError(mismatch(files.data, "Sentinel-2 data dtype", expected="int16 or uint16",
-                                       found=data.dtype))
+        raise DataFormatError(
+            mismatch(files.data, "Sentinel-2 data dtype", expected="int16 or uint16", found=data.dtype)
+        )
     if masks.ndim != 4 or masks.shape[1] != 2 or masks.dtype != np.uint8:
-        raise DataFormatError(mismatch(files.masks, "Sentinel-2 masks", expected="(T, 2, H, W) uint8",
-                                       found=f"{masks.shape} {masks.dtype}"))
+        raise DataFormatError(
+            mismatch(
+                files.masks,
+                "Sentinel-2 masks",
+                expected="(T, 2, H, W) uint8",
+                found=f"{masks.shape} {masks.dtype}",
+            )
+        )
     if masks.shape[0] != data.shape[0] or masks.shape[2:] != data.shape[2:]:
-        raise DataFormatError(mismatch(files.masks, "Sentinel-2 masks shape",
-                                       expected=f"{(data.shape[0], 2, *data.shape[2:])} to match {files.data.name}",
-                                       found=masks.shape))
+        raise DataFormatError(
+            mismatch(
+                files.masks,
+                "Sentinel-2 masks shape",
+                expected=f"{(data.shape[0], 2, *data.shape[2:])} to match {files.data.name}",
+                found=masks.shape,
+            )
+        )
     if len(dates) != data.shape[0]:
-        raise DataFormatError(mismatch(files.products, "number of products",
-                                       expected=f"{data.shape[0]} (T of {files.data.name})", found=len(dates)))
+        raise DataFormatError(
+            mismatch(
+                files.products,
+                "number of products",
+                expected=f"{data.shape[0]} (T of {files.data.name})",
+                found=len(dates),
+            )
+        )
     if data.shape[0] == 0:
         raise DataFormatError(f"{files.data}: Sentinel-2 series has no date (T = 0)")
     return _ZoneSeries(data=data, masks=masks, dates=dates, files=files)
@@ -349,4 +404,6 @@ def _load_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise DataFormatError(f"{path}: cannot read the .npy array (truncated or not a .npy file?): {exc}") from None
+        raise DataFormatError(
+            f"{path}: cannot read the .npy array (truncated or not a .npy file?): {exc}"
+        ) from None

@@ -224,7 +224,9 @@ class Flair2Layout:
                 zone = zone_dir.name
                 img_dir = zone_dir / "img"
                 if not img_dir.is_dir():
-                    raise DataLayoutError(f"{zone_dir}: zone folder has no img/ subfolder with IMG_*.tif patches")
+                    raise DataLayoutError(
+                        f"{zone_dir}: zone folder has no img/ subfolder with IMG_*.tif patches"
+                    )
                 found = []
                 for path in img_dir.iterdir():
                     match = AERIAL_PATTERN.match(path.name)
@@ -243,7 +245,8 @@ class Flair2Layout:
                 log.warning("domain %s has no IMG_*.tif patch under %s", domain, self.aerial_dir / domain)
         if missing_labels:
             raise DataLayoutError(
-                f"{len(missing_labels)} label file(s) missing for aerial patches: {_list_missing(missing_labels)}"
+                f"{len(missing_labels)} label file(s) missing for aerial patches: "
+                f"{_list_missing(missing_labels)}"
             )
         if not patches:
             raise DataLayoutError(
@@ -252,7 +255,9 @@ class Flair2Layout:
             )
         duplicates = _duplicate_ids(patches)
         if duplicates:
-            raise DataLayoutError(f"{self.aerial_dir}: patch ids present in several zones: {', '.join(duplicates)}")
+            raise DataLayoutError(
+                f"{self.aerial_dir}: patch ids present in several zones: {', '.join(duplicates)}"
+            )
         return patches
 
     def zone_s2_files(self, patch: PatchRef) -> ZoneS2Files:
@@ -294,7 +299,8 @@ class Flair2Layout:
         """Load the centroid JSON (patch file name -> [row, col] in the zone's superpatch)."""
         if self.centroids_json is None:
             raise DataLayoutError(
-                f"{self.root}: centroid JSON not found (looked for {CENTROIDS_NAMES[0]} in the root, aux-data/ "
+                f"{self.root}: centroid JSON not found (looked for {CENTROIDS_NAMES[0]} in the root, "
+                "aux-data/ "
                 "and flair_2_toy_dataset/); pass --centroids-json"
             )
         return _load_json_object(self.centroids_json)
@@ -302,7 +308,9 @@ class Flair2Layout:
     def load_metadata(self) -> dict[str, Any]:
         """Load the per-patch metadata JSON, or an empty dict (with a warning) when there is none."""
         if self.metadata_json is None:
-            log.warning("%s: no aerial metadata JSON (%s); samples carry no metadata", self.root, METADATA_NAMES[0])
+            log.warning(
+                "%s: no aerial metadata JSON (%s); samples carry no metadata", self.root, METADATA_NAMES[0]
+            )
             return {}
         return _load_json_object(self.metadata_json)
 

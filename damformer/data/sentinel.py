@@ -27,8 +27,8 @@ NUM_S2_BANDS = len(S2_BANDS)
 SNOW_CHANNEL = 0
 CLOUD_CHANNEL = 1
 
-# The sensing time is the third field (S2A_MSIL2A_<YYYYMMDDTHHMMSS>_...); the last field is the processing time,
-# which must never be taken for it.
+# The sensing time is the third field (S2A_MSIL2A_<YYYYMMDDTHHMMSS>_...); the last field is the
+# processing time, which must never be taken for it.
 _PRODUCT_DATE = re.compile(r"^[^_]+_[^_]+_(\d{8})T\d{6}(?:_|$)")
 
 
@@ -60,13 +60,17 @@ class SentinelOptions:
 
     def __post_init__(self) -> None:
         if self.crop_size <= 0 or self.crop_size % 2:
-            raise ValueError(f"crop_size: expected a positive even number of S2 pixels, found {self.crop_size}")
+            raise ValueError(
+                f"crop_size: expected a positive even number of S2 pixels, found {self.crop_size}"
+            )
         if not 0 <= self.mask_threshold <= 100:
             raise ValueError(f"mask_threshold: expected 0..100, found {self.mask_threshold}")
         if not 0.0 < self.max_cover <= 1.0:
             raise ValueError(f"max_cover: expected a fraction in (0, 1], found {self.max_cover}")
         if self.no_clear_date not in ("least_cloudy", "error"):
-            raise ValueError(f"no_clear_date: expected 'least_cloudy' or 'error', found {self.no_clear_date!r}")
+            raise ValueError(
+                f"no_clear_date: expected 'least_cloudy' or 'error', found {self.no_clear_date!r}"
+            )
         if self.date_reference != "domain_year":
             try:
                 dt.date.fromisoformat(self.date_reference)
@@ -108,7 +112,10 @@ def parse_product_dates(lines: Sequence[str], *, source: Path | str) -> list[dt.
         except ValueError:
             raise DataFormatError(
                 mismatch(
-                    f"{source}:{number}", "acquisition date", expected="a valid YYYYMMDD", found=match.group(1)
+                    f"{source}:{number}",
+                    "acquisition date",
+                    expected="a valid YYYYMMDD",
+                    found=match.group(1),
                 )
             ) from None
     return dates

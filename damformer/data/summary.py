@@ -30,8 +30,9 @@ class DomainSummary:
 def summarize(dataset: Flair2Dataset) -> list[DomainSummary]:
     """Read every sample (this validates each file) and accumulate per-domain statistics."""
     by_domain: dict[str, DomainSummary] = defaultdict(lambda: DomainSummary(""))
-    for sample in progress((dataset[i] for i in range(len(dataset))), desc="read patches", unit="patch",
-                           total=len(dataset)):
+    for sample in progress(
+        (dataset[i] for i in range(len(dataset))), desc="read patches", unit="patch", total=len(dataset)
+    ):
         summary = by_domain[sample.domain]
         summary.domain = sample.domain
         summary.zones.add(sample.zone)
@@ -57,10 +58,13 @@ def format_summary(summaries: list[DomainSummary]) -> str:
         n = max(s.patches, 1)
         means = s.band_sum / max(s.pixels, 1)
         lines.append(
-            f"{s.domain:<10} {len(s.zones):>5} {s.patches:>7} {s.s2_acquisitions / n:>7.1f} {s.s2_clear / n:>6.1f}"
+            f"{s.domain:<10} {len(s.zones):>5} {s.patches:>7} "
+            f"{s.s2_acquisitions / n:>7.1f} {s.s2_clear / n:>6.1f}"
             f" {s.s2_steps / n:>6.1f} " + " ".join(f"{m:>6.1f}" for m in means)
         )
-    lines.append("(S2 columns are per patch: acquisitions in the zone, clear after filtering, time steps used)")
+    lines.append(
+        "(S2 columns are per patch: acquisitions in the zone, clear after filtering, time steps used)"
+    )
     if any(s.class_pixels.sum() for s in summaries):
         lines.append("")
         lines.append(f"{'class share %':<22}" + "".join(f" {s.domain:>10}" for s in summaries))

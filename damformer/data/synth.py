@@ -48,7 +48,10 @@ _FOLDERS = {
     "test": ("flair_2_aerial_test", "flair_2_labels_test", "flair_2_sen_test"),
 }
 # Lambert-93 boxes (x min, x max, y min, y max) where the domains of each region are placed.
-_REGION_BOXES = {"south": (700_000, 1_000_000, 6_200_000, 6_350_000), "north": (600_000, 750_000, 6_900_000, 7_050_000)}
+_REGION_BOXES = {
+    "south": (700_000, 1_000_000, 6_200_000, 6_350_000),
+    "north": (600_000, 750_000, 6_900_000, 7_050_000),
+}
 
 
 @dataclass(frozen=True)
@@ -140,12 +143,11 @@ def _product_name(rng: np.random.Generator, date: dt.date, tile: str) -> str:
     platform = "S2A" if rng.random() < 0.5 else "S2B"
     sensing = f"{date:%Y%m%d}T{int(rng.integers(100000, 115959)):06d}"
     processed = f"{date:%Y%m%d}T{int(rng.integers(120000, 145959)):06d}"
-    return f"{platform}_MSIL2A_{sensing}_N0{int(rng.integers(209, 500))}_R{int(rng.integers(1, 143)):03d}_{tile}_{processed}"
+    baseline, orbit = int(rng.integers(209, 500)), int(rng.integers(1, 143))
+    return f"{platform}_MSIL2A_{sensing}_N0{baseline}_R{orbit:03d}_{tile}_{processed}"
 
 
-def _masks_for_date(
-    rng: np.random.Generator, shape: tuple[int, int], kind: str, snowy: bool
-) -> np.ndarray:
+def _masks_for_date(rng: np.random.Generator, shape: tuple[int, int], kind: str, snowy: bool) -> np.ndarray:
     """(2, H, W) uint8 snow and cloud probabilities for one date of the given kind."""
     height, width = shape
     rows, cols = np.mgrid[0:height, 0:width]
@@ -165,7 +167,10 @@ def _masks_for_date(
 
 
 def _superpatch(
-    rng: np.random.Generator, job: _ZoneJob, shape: tuple[int, int], seeds: scene.RegionSeeds,
+    rng: np.random.Generator,
+    job: _ZoneJob,
+    shape: tuple[int, int],
+    seeds: scene.RegionSeeds,
     dates: list[dt.date],
 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """The zone's Sentinel-2 data (T, 10, H, W) and masks (T, 2, H, W), and its overcast date indices."""
@@ -175,8 +180,11 @@ def _superpatch(
     masks = np.empty((len(dates), 2, *shape), dtype=np.uint8)
     overcast = []
     for t, date in enumerate(dates):
-        kind = "overcast" if t == OVERCAST_DATE_INDEX else str(rng.choice(["clear", "partial", "overcast"],
-                                                                         p=[0.6, 0.28, 0.12]))
+        kind = (
+            "overcast"
+            if t == OVERCAST_DATE_INDEX
+            else str(rng.choice(["clear", "partial", "overcast"], p=[0.6, 0.28, 0.12]))
+        )
         if kind == "overcast":
             overcast.append(t)
         snowy = job.region == "north" and date.month in (12, 1, 2) and rng.random() < 0.5
@@ -193,22 +201,33 @@ def _superpatch(
 def _write_geotiff(path: Path, array: np.ndarray, transform: Affine) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with rasterio.open(
-        path, "w", driver="GTiff", width=array.shape[2], height=array.shape[1], count=array.shape[0],
-        dtype="uint8", crs=_CRS, transform=transform,
+        path,
+        "w",
+        driver="GTiff",
+        width=array.shape[2],
+        height=array.shape[1],
+        count=array.shape[0],
+        dtype="uint8",
+        crs=_CRS,
+        transform=transform,
     ) as dst:
         dst.write(array)
 
 
 def _write_zone(root: Path, options: SynthOptions, job: _ZoneJob) -> Iterator[tuple[str, dict[str, Any]]]:
     """Write one zone (superpatch and its patches); yield (patch file name, record) per patch."""
-    rng = np.random.default_rng([options.seed, 0 if job.split == "train" else 1, job.domain_index, job.zone_index])
+    rng = np.random.default_rng(
+        [options.seed, 0 if job.split == "train" else 1, job.domain_index, job.zone_index]
+    )
     size = options.patch_size
     year = int(job.domain.split("_")[1])
     half = options.crop_size // 2
     spacing = math.ceil(size * scene.AERIAL_M / scene.CELL_M) + 1  # footprints never overlap
     side = math.ceil(math.sqrt(options.patches_per_zone))
     height = options.crop_size + (side - 1) * spacing + int(rng.integers(0, 8))
-    width = options.crop_size + (side - 1) * spacing + int(rng.integers(0, 14))  # superpatches need not be square
+    width = (
+        options.crop_size + (side - 1) * spacing + int(rng.integers(0, 14))
+    )  # superpatches need not be square
     seeds = scene.jittered_seeds(rng, height, width, job.region)
     dates = _acquisition_dates(rng, year, int(rng.integers(options.min_dates, options.max_dates + 1)))
     data, masks, overcast = _superpatch(rng, job, (height, width), seeds, dates)
@@ -247,20 +266,28 @@ def _write_zone(root: Path, options: SynthOptions, job: _ZoneJob) -> Iterator[tu
         _write_geotiff(aerial_dir / "img" / f"IMG_{digits}.tif", aerial, transform)
         _write_geotiff(labels_dir / "msk" / f"MSK_{digits}.tif", raw[None], transform)
         flight = dt.date(year, 5, 1) + dt.timedelta(days=int(rng.integers(0, 120)))
-        yield f"IMG_{digits}", {
-            "centroid": [int(row), int(col)],
-            "metadata": {
-                "domain": job.domain, "zone": job.zone,
-                "patch_centroid_x": round(centre_x, 2), "patch_centroid_y": round(centre_y, 2),
-                "patch_centroid_z": round(float(rng.uniform(20, 400)), 2),
-                "camera": str(rng.choice(["UCE-M3-f100-s06", "UCE-M3-f120-s06", "UCE-M3-f100"])),
-                "date": flight.isoformat(), "time": f"{int(rng.integers(9, 16)):02d}h{int(rng.integers(0, 60)):02d}",
+        yield (
+            f"IMG_{digits}",
+            {
+                "centroid": [int(row), int(col)],
+                "metadata": {
+                    "domain": job.domain,
+                    "zone": job.zone,
+                    "patch_centroid_x": round(centre_x, 2),
+                    "patch_centroid_y": round(centre_y, 2),
+                    "patch_centroid_z": round(float(rng.uniform(20, 400)), 2),
+                    "camera": str(rng.choice(["UCE-M3-f100-s06", "UCE-M3-f120-s06", "UCE-M3-f100"])),
+                    "date": flight.isoformat(),
+                    "time": f"{int(rng.integers(9, 16)):02d}h{int(rng.integers(0, 60)):02d}",
+                },
+                "overcast_dates": [dates[t].isoformat() for t in overcast],
             },
-            "overcast_dates": [dates[t].isoformat() for t in overcast],
-        }
+        )
 
 
-def generate(out: Path | str, options: SynthOptions | None = None, *, overwrite: bool = False) -> dict[str, Any]:
+def generate(
+    out: Path | str, options: SynthOptions | None = None, *, overwrite: bool = False
+) -> dict[str, Any]:
     """Write the miniature FLAIR-2 to ``out`` (atomically) and return a summary.
 
     Raises:
@@ -291,8 +318,10 @@ def generate(out: Path | str, options: SynthOptions | None = None, *, overwrite:
         info = {
             "generator": "damformer synth",
             "options": asdict(options),
-            "regions": {"south": list(SOUTH_DOMAINS[: options.domains_per_region]),
-                        "north": list(NORTH_DOMAINS[: options.domains_per_region])},
+            "regions": {
+                "south": list(SOUTH_DOMAINS[: options.domains_per_region]),
+                "north": list(NORTH_DOMAINS[: options.domains_per_region]),
+            },
             "patches": counts,
             "overcast_dates": overcast,
         }

@@ -29,10 +29,42 @@ URBAN = 1  # region code 1 renders as urban fabric: roofs (1), streets (3), gard
 
 # Region priors by raw FLAIR class value. "building" means urban fabric (see URBAN).
 REGION_PRIORS: dict[str, dict[int, float]] = {
-    "south": {1: 0.14, 2: 0.05, 3: 0.06, 4: 0.06, 5: 0.04, 6: 0.09, 7: 0.09, 8: 0.13, 9: 0.11, 10: 0.10,
-              11: 0.06, 12: 0.03, 15: 0.01, 16: 0.01, 17: 0.01, 18: 0.01},
-    "north": {1: 0.12, 2: 0.06, 3: 0.06, 4: 0.02, 5: 0.05, 6: 0.03, 7: 0.18, 8: 0.04, 9: 0.02, 10: 0.16,
-              11: 0.14, 12: 0.08, 15: 0.01, 16: 0.01, 17: 0.01, 19: 0.01},
+    "south": {
+        1: 0.14,
+        2: 0.05,
+        3: 0.06,
+        4: 0.06,
+        5: 0.04,
+        6: 0.09,
+        7: 0.09,
+        8: 0.13,
+        9: 0.11,
+        10: 0.10,
+        11: 0.06,
+        12: 0.03,
+        15: 0.01,
+        16: 0.01,
+        17: 0.01,
+        18: 0.01,
+    },
+    "north": {
+        1: 0.12,
+        2: 0.06,
+        3: 0.06,
+        4: 0.02,
+        5: 0.05,
+        6: 0.03,
+        7: 0.18,
+        8: 0.04,
+        9: 0.02,
+        10: 0.16,
+        11: 0.14,
+        12: 0.08,
+        15: 0.01,
+        16: 0.01,
+        17: 0.01,
+        19: 0.01,
+    },
 }
 
 
@@ -171,13 +203,17 @@ def nearest_region(points: np.ndarray, seeds: RegionSeeds) -> np.ndarray:
     chunk_size = 16384
     for start in range(0, len(flat), chunk_size):
         chunk = flat[start : start + chunk_size]
-        lo = np.floor(chunk.min(axis=0) / REGION_BLOCK_CELLS).astype(int) + 1 - 2  # +1: grid starts one block early
+        lo = (
+            np.floor(chunk.min(axis=0) / REGION_BLOCK_CELLS).astype(int) + 1 - 2
+        )  # +1: grid starts one block early
         hi = np.floor(chunk.max(axis=0) / REGION_BLOCK_CELLS).astype(int) + 1 + 2
         r0, c0 = max(lo[0], 0), max(lo[1], 0)
         r1, c1 = min(hi[0], num_rows - 1) + 1, min(hi[1], num_cols - 1) + 1
         candidates = seeds.positions[r0:r1, c0:c1].reshape(-1, 2)
         candidate_classes = seeds.classes[r0:r1, c0:c1].reshape(-1)
-        distance = (chunk[:, 0, None] - candidates[None, :, 0]) ** 2 + (chunk[:, 1, None] - candidates[None, :, 1]) ** 2
+        distance = (chunk[:, 0, None] - candidates[None, :, 0]) ** 2 + (
+            chunk[:, 1, None] - candidates[None, :, 1]
+        ) ** 2
         result[start : start + chunk_size] = candidate_classes[np.argmin(distance, axis=1)]
     return result.reshape(points.shape[:-1])
 
@@ -201,9 +237,7 @@ def _rectangles(rng: np.random.Generator, size: int, count: int, side: tuple[int
     return mask
 
 
-def render_raw_labels(
-    rng: np.random.Generator, region_map: np.ndarray, region: str
-) -> np.ndarray:
+def render_raw_labels(rng: np.random.Generator, region_map: np.ndarray, region: str) -> np.ndarray:
     """Turn a patch's region map (raw class codes) into a raw label map with urban detail and roads."""
     size = region_map.shape[0]
     scale = size / 256.0
@@ -222,7 +256,9 @@ def render_raw_labels(
         rows, cols = np.mgrid[0:size, 0:size]
         angle = rng.uniform(0, np.pi)
         offset = rng.uniform(0.2, 0.8) * size
-        distance = np.abs((rows - size / 2) * np.cos(angle) - (cols - size / 2) * np.sin(angle) + offset - size / 2)
+        distance = np.abs(
+            (rows - size / 2) * np.cos(angle) - (cols - size / 2) * np.sin(angle) + offset - size / 2
+        )
         road = (distance < rng.uniform(5, 9) * scale) & (region_map != 5)
         labels[road] = 3
     return labels
@@ -243,7 +279,7 @@ def render_aerial(
     for code in np.unique(raw_labels):
         look = AERIAL_LOOKS[int(code)]
         where = raw_labels == code
-        values = np.array(look.rgbn + (look.height,), dtype=np.float64)
+        values = np.array((*look.rgbn, look.height), dtype=np.float64)
         image[:, where] = values[:, None]
         if look.texture == "canopy":
             image[:4, where] += (canopy[where] * 18.0)[None, :]
@@ -266,7 +302,9 @@ def render_aerial(
 def vegetation_fraction(day_of_year: float, pheno: Phenology, delay_days: float) -> float:
     """Vegetation fraction of a class on a day of the year, after a regional phenology delay."""
     distance = (day_of_year - pheno.peak_day - delay_days + 182.5) % 365.0 - 182.5
-    return float(np.clip(pheno.base + pheno.amplitude * np.exp(-0.5 * (distance / pheno.width_days) ** 2), 0, 1))
+    return float(
+        np.clip(pheno.base + pheno.amplitude * np.exp(-0.5 * (distance / pheno.width_days) ** 2), 0, 1)
+    )
 
 
 def class_signatures(day_of_year: float, shift: RegionShift) -> np.ndarray:

@@ -23,11 +23,14 @@ def test_prefix_does_not_match_another_departement():
     assert select_domains(["D0801_2021", "D080_2021"], ["D080"]) == ["D080_2021"]
 
 
-@pytest.mark.parametrize(("request_", "message"), [
-    (["D099"], "D099' is not in the dataset"),
-    (["D080_2019"], "not in the dataset"),
-    (["Paris"], "expected an id like D080_2021"),
-])
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (["D099"], "D099' is not in the dataset"),
+        (["D080_2019"], "not in the dataset"),
+        (["Paris"], "expected an id like D080_2021"),
+    ],
+)
 def test_unknown_domains_are_errors(request_, message):
     with pytest.raises(DomainSelectionError, match=message) as info:
         select_domains(AVAILABLE, request_)

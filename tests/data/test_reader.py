@@ -105,25 +105,32 @@ def test_crop_size_is_configurable(demo_root):
     row, col = sample.centroid
     # The cloud filter keeps a subset of dates; each kept date equals the raw crop of some date.
     raw_crops = data[:, :, row - 8 : row + 8, col - 8 : col + 8]
-    unfiltered = Flair2Dataset(demo_root, domains=["D032"],
-                               sentinel=SentinelOptions(crop_size=16, monthly_average=False))[0]
+    unfiltered = Flair2Dataset(
+        demo_root, domains=["D032"], sentinel=SentinelOptions(crop_size=16, monthly_average=False)
+    )[0]
     for crop in unfiltered.s2:
         assert any(np.array_equal(crop, raw) for raw in raw_crops)
 
 
 def test_known_overcast_date_is_dropped(demo_root):
     info = json.loads((demo_root / INFO_FILE).read_text())
-    dataset = Flair2Dataset(demo_root, domains=["south", "north"],
-                            sentinel=SentinelOptions(monthly_average=False))
+    dataset = Flair2Dataset(
+        demo_root, domains=["south", "north"], sentinel=SentinelOptions(monthly_average=False)
+    )
     checked = 0
     for index in range(0, len(dataset), 5):
         sample = dataset[index]
-        overcast = {dt.date.fromisoformat(d) for d in info["overcast_dates"][f"{sample.domain}-{sample.zone}"]}
+        overcast = {
+            dt.date.fromisoformat(d) for d in info["overcast_dates"][f"{sample.domain}-{sample.zone}"]
+        }
         assert overcast, "every zone has at least one overcast date"
         assert not overcast & set(sample.s2_dates)
         # ... and it is there without the filter.
-        unfiltered = Flair2Dataset(demo_root, domains=[sample.domain],
-                                   sentinel=SentinelOptions(cloud_filter=False, monthly_average=False))
+        unfiltered = Flair2Dataset(
+            demo_root,
+            domains=[sample.domain],
+            sentinel=SentinelOptions(cloud_filter=False, monthly_average=False),
+        )
         same = next(unfiltered.read(p) for p in unfiltered.patches if p.patch_id == sample.patch_id)
         assert overcast <= set(same.s2_dates)
         checked += 1
@@ -133,7 +140,7 @@ def test_known_overcast_date_is_dropped(demo_root):
 def test_filter_matches_the_baseline_rule_on_the_crop(demo_root):
     dataset = Flair2Dataset(demo_root, domains=["D060"], sentinel=SentinelOptions(monthly_average=False))
     sample = dataset[2]
-    data, masks, dates = _raw_superpatch(demo_root, sample.domain, sample.zone)
+    _, masks, dates = _raw_superpatch(demo_root, sample.domain, sample.zone)
     row, col = sample.centroid
     crop = masks[:, :, row - 20 : row + 20, col - 20 : col + 20]
     cover = ((crop[:, 0] >= 60).sum(axis=(1, 2)) + (crop[:, 1] >= 60).sum(axis=(1, 2))) / 1600.0
@@ -151,7 +158,11 @@ def test_monthly_means_equal_the_mean_of_each_months_kept_dates(demo_root):
         assert len({(d.year, d.month) for d in days.s2_dates}) == len(months.s2_dates)
         for step, month_date in enumerate(months.s2_dates):
             assert month_date.day == 15
-            members = [i for i, d in enumerate(days.s2_dates) if (d.year, d.month) == (month_date.year, month_date.month)]
+            members = [
+                i
+                for i, d in enumerate(days.s2_dates)
+                if (d.year, d.month) == (month_date.year, month_date.month)
+            ]
             assert members
             expected = days.s2[members].astype(np.float64).mean(axis=0)
             np.testing.assert_allclose(months.s2[step], expected, rtol=1e-6)
@@ -189,8 +200,11 @@ def test_dataset_pickles_without_its_memory_maps(demo_root):
 def test_toy_release_layout_and_aux_data_json(demo_root, tmp_path):
     toy = tmp_path / "toy"
     nested = toy / "flair_2_toy_dataset"
-    for src, dst in (("flair_aerial_train", "flair_2_toy_aerial_train"), ("flair_labels_train", "flair_2_toy_labels_train"),
-                     ("flair_sen_train", "flair_2_toy_sen_train")):
+    for src, dst in (
+        ("flair_aerial_train", "flair_2_toy_aerial_train"),
+        ("flair_labels_train", "flair_2_toy_labels_train"),
+        ("flair_sen_train", "flair_2_toy_sen_train"),
+    ):
         shutil.copytree(demo_root / src / "D081_2020", nested / dst / "D081_2020")
     (toy / "aux-data").mkdir()
     shutil.copy(demo_root / "flair-2_centroids_sp_to_patch.json", toy / "aux-data")
@@ -206,7 +220,11 @@ def test_explicit_folders_and_json_paths(demo_root, tmp_path):
     shutil.copytree(demo_root / "flair_labels_train" / "D032_2019", custom / "lab" / "D032_2019")
     shutil.copytree(demo_root / "flair_sen_train" / "D032_2019", custom / "s2" / "D032_2019")
     shutil.copy(demo_root / "flair-2_centroids_sp_to_patch.json", custom / "c.json")
-    layout = Flair2Layout(custom, aerial_dir="air", labels_dir="lab", sen_dir=custom / "s2", centroids_json="c.json")
+    layout = Flair2Layout(
+        custom, aerial_dir="air", labels_dir="lab", sen_dir=custom / "s2", centroids_json="c.json"
+    )
     assert layout.metadata_json is None
-    dataset = Flair2Dataset(custom, aerial_dir="air", labels_dir="lab", sen_dir=custom / "s2", centroids_json="c.json")
+    dataset = Flair2Dataset(
+        custom, aerial_dir="air", labels_dir="lab", sen_dir=custom / "s2", centroids_json="c.json"
+    )
     assert len(dataset) == 12 and dataset[0].metadata == {}

@@ -28,7 +28,9 @@ def test_product_dates_parse_the_full_date():
 @pytest.mark.parametrize("line", ["garbage", "S2A_MSIL2A_20211341T105431_N0214"])
 def test_product_date_errors_name_the_line(line):
     with pytest.raises(DataFormatError, match=r"p\.txt:2") as info:
-        parse_product_dates(["S2A_MSIL2A_20210104T105431_N0214_R051_T31UDQ_20210104T120306", line], source="p.txt")
+        parse_product_dates(
+            ["S2A_MSIL2A_20210104T105431_N0214_R051_T31UDQ_20210104T120306", line], source="p.txt"
+        )
     assert "expected" in str(info.value)
 
 
@@ -52,9 +54,13 @@ def test_cloud_cover_counts_snow_and_cloud_pixels():
 
 def test_clear_date_selection_and_policy():
     cover = np.array([0.6, 0.49, 0.5, 0.0])
-    np.testing.assert_array_equal(select_clear_dates(cover, max_cover=0.5, policy="error", source="x"), [1, 3])
+    np.testing.assert_array_equal(
+        select_clear_dates(cover, max_cover=0.5, policy="error", source="x"), [1, 3]
+    )
     cloudy = np.array([0.9, 0.7, 0.8])
-    np.testing.assert_array_equal(select_clear_dates(cloudy, max_cover=0.5, policy="least_cloudy", source="x"), [1])
+    np.testing.assert_array_equal(
+        select_clear_dates(cloudy, max_cover=0.5, policy="least_cloudy", source="x"), [1]
+    )
     with pytest.raises(NoClearDateError, match="every one of 3 Sentinel-2 dates"):
         select_clear_dates(cloudy, max_cover=0.5, policy="error", source="x")
 
@@ -74,15 +80,23 @@ def test_day_offsets_and_reference_date():
     options = SentinelOptions()
     assert options.reference_date(2021) == dt.date(2021, 5, 15)
     assert SentinelOptions(date_reference="2021-05-15").reference_date(2019) == dt.date(2021, 5, 15)
-    offsets = day_offsets([dt.date(2021, 5, 14), dt.date(2021, 5, 15), dt.date(2022, 5, 15)], dt.date(2021, 5, 15))
+    offsets = day_offsets(
+        [dt.date(2021, 5, 14), dt.date(2021, 5, 15), dt.date(2022, 5, 15)], dt.date(2021, 5, 15)
+    )
     np.testing.assert_array_equal(offsets, [-1, 0, 365])
     assert offsets.dtype == np.int32
 
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("crop_size", 39), ("crop_size", 0), ("mask_threshold", 101), ("max_cover", 0.0),
-     ("no_clear_date", "drop"), ("date_reference", "May 15")],
+    [
+        ("crop_size", 39),
+        ("crop_size", 0),
+        ("mask_threshold", 101),
+        ("max_cover", 0.0),
+        ("no_clear_date", "drop"),
+        ("date_reference", "May 15"),
+    ],
 )
 def test_sentinel_options_reject_bad_values(field, value):
     with pytest.raises(ValueError, match=field):

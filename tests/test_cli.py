@@ -1,0 +1,78 @@
+"""The damformer command as a user runs it: real processes, real files."""
+
+import subprocess
+import sys
+
+import pytest
+
+from damformer.cli import build_parser
+
+
+def _run(*args, check=True):
+    result = subprocess.run(
+        [sys.executable, "-m", "damformer", *args], capture_output=True, text=True, check=False
+    )
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_help_lists_commands_and_each_command_has_an_example():
+    top = _run("--help").stdout
+    assert "synth" in top and "read" in top
+    subcommands = build_parser()._subparsers._group_actions[0].choices
+    for name in subcommands:
+        text = _run(name, "--help").stdout
+        assert "example:" in text and f"damformer {name}" in text, name
+
+
+def test_version():
+    assert _run("--version").stdout.startswith("damformer ")
+
+
+def test_synth_then_read_end_to_end(tmp_path):
+    out = tmp_path / "f2"
+    result = _run(
+        "-q",
+        "synth",
+        "--out",
+        str(out),
+        "--patch-size",
+        "64",
+        "--domains-per-region",
+        "2",
+        "--zones-per-domain",
+        "1",
+        "--test-zones-per-domain",
+        "1",
+        "--patches-per-zone",
+        "2",
+    )
+    assert "train/south: 4" in result.stdout and "D081_2020 D032_2019" in result.stdout
+    read = _run("-q", "read", "--root", str(out), "--domains", "south", "north", "--patch-size", "64")
+    assert read.stdout.splitlines()[0].endswith("8 patches in 4 domains")
+    for domain in ("D081_2020", "D032_2019", "D080_2021", "D060_2021"):
+        assert domain in read.stdout
+    assert "class share %" in read.stdout and "herbaceous vegetation" in read.stdout
+    test_split = _run("-q", "read", "--root", str(out), "--split", "test", "--no-labels", "--no-monthly")
+    assert "class share %" not in test_split.stdout and "4 domains" in test_split.stdout
+
+
+def test_synth_refuses_to_overwrite_without_flag(tmp_path):
+    (tmp_path / "f2").mkdir()
+    result = _run("synth", "--out", str(tmp_path / "f2"), check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("exists; pass --overwrite to replace it")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--patch-size", "100"), "patch_size: expected a multiple of 32"),
+        (("--domains-per-region", "0"), "domains_per_region: expected 1..5"),
+    ],
+)
+def test_synth_rejects_bad_options(tmp_path, args, message):
+    result = _run("synth", "--out", str(tmp_path / "x"), *args, check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "x").exists()
