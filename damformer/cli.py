@@ -32,7 +32,14 @@ class _OptionError(Exception):
 
 def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("dataset layout (defaults: the FLAIR-2 names under --root)")
-    group.add_argument("--root", type=Path, required=True, help="FLAIR-2 folder (real, toy or miniature)")
+    group.add_argument(
+        "--root",
+        "--src",
+        dest="root",
+        type=Path,
+        required=True,
+        help="FLAIR-2 folder (real, toy or miniature)",
+    )
     group.add_argument(
         "--split",
         choices=["train", "test"],
@@ -153,6 +160,75 @@ def _cmd_read(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_shard(args: argparse.Namespace) -> int:
+    from damformer.data.shards import ShardWriteOptions, parse_size, write_shards
+
+    try:
+        options = ShardWriteOptions(
+            max_samples=args.max_samples, shard_bytes=parse_size(args.shard_size), workers=args.workers
+        )
+    except ValueError as exc:
+        raise _OptionError(str(exc)) from None
+    dataset = _dataset_from_args(args)
+    manifest = write_shards(dataset, args.out, options, overwrite=args.overwrite)
+    size = sum(shard["bytes"] for shard in manifest["shards"])
+    print(
+        f"{args.out}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards "
+        f"({size / 1e6:.1f} MB) over domains {' '.join(manifest['domains'])}; "
+        f"{manifest['written']} written, {len(manifest['shards']) - manifest['written']} already complete"
+    )
+    return 0
+
+
+def _cmd_shard_verify(args: argparse.Namespace) -> int:
+    from damformer.data.shards import verify_shards
+
+    for folder in args.dirs:
+        result = verify_shards(folder)
+        print(f"{folder}: OK, {result['samples']} samples in {result['shards']} shards, checksums match")
+    return 0
+
+
+def _add_shard_parsers(commands: argparse._SubParsersAction) -> None:
+    shard = commands.add_parser(
+        "shard",
+        formatter_class=_Formatter,
+        help="write a FLAIR-2 selection as WebDataset tar shards ('shard verify DIR' checks a set)",
+        description="Write one sample per aerial patch (aerial bands, label, Sentinel-2 crop already cloud-"
+        "filtered and month-averaged, dates, CRS/transform) into per-domain tar shards, with a "
+        "manifest (counts, sha256, class pixel counts, band statistics). Re-running resumes: complete, "
+        "verified shards are skipped. 'damformer shard verify DIR [DIR ...]' re-checks sizes, "
+        "checksums and decodes every sample.",
+        epilog="examples:\n"
+        "  damformer shard --src /data/FLAIR2 --domains south --out shards/south --workers 8\n"
+        "  damformer shard --src /data/FLAIR2 --domains north --split test --out shards/north-test\n"
+        "  damformer shard verify shards/south shards/north-test",
+    )
+    _add_dataset_arguments(shard)
+    out = shard.add_argument_group("output")
+    out.add_argument("--out", type=Path, required=True, help="shard-set folder (one per source/target set)")
+    out.add_argument(
+        "--shard-size", default="1GB", help="upper bound of a shard's size (1GB, 512MiB, 200MB, bytes)"
+    )
+    out.add_argument("--max-samples", type=int, default=1000, help="upper bound of samples per shard")
+    out.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
+    out.add_argument(
+        "--overwrite", action="store_true", help="replace a shard set that was made with other parameters"
+    )
+    shard.set_defaults(run=_cmd_shard)
+
+    verify = commands.add_parser(
+        "shard-verify",
+        formatter_class=_Formatter,
+        help="same as 'shard verify DIR': re-check shard sets (counts, sha256, every sample decodes)",
+        description="Re-check shard sets: every shard listed in the manifest is present with the recorded "
+        "size and sha256, and every sample decodes and is listed in order.",
+        epilog="example:\n  damformer shard verify shards/south shards/north",
+    )
+    verify.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="shard-set folders")
+    verify.set_defaults(run=_cmd_shard_verify)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``damformer`` command (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(
@@ -202,12 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_dataset_arguments(read)
     read.set_defaults(run=_cmd_read)
+    _add_shard_parsers(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``damformer`` console script; returns the process exit code."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for index in range(len(argv) - 1):  # 'shard verify DIR' reads better than a separate command name
+        if argv[index : index + 2] == ["shard", "verify"]:
+            argv[index : index + 2] = ["shard-verify"]
+            break
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     set_quiet(args.quiet)

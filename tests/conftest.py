@@ -45,3 +45,14 @@ def tiny_root(_tiny_template: Path, tmp_path: Path) -> Path:
     root = tmp_path / "flair2"
     shutil.copytree(_tiny_template, root)
     return root
+
+
+@pytest.fixture(scope="session")
+def demo_shards(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's south train split as a shard set of 6 shards of at most 5 samples (read-only)."""
+    from damformer.data import Flair2Dataset
+    from damformer.data.shards import ShardWriteOptions, write_shards
+
+    out = tmp_path_factory.mktemp("shards") / "south"
+    write_shards(Flair2Dataset(demo_root, domains=["south"]), out, ShardWriteOptions(max_samples=5))
+    return out

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from damformer.data.augment import GeometricAugment, training_sample
@@ -43,6 +42,8 @@ from damformer.errors import DamformerError
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+# A worker's last item when it skipped samples after its last batch: counted, never handed to the user.
+SKIP_REPORT = "skip_report"
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,9 @@ class ShardSet:
         domains: ids, prefixes or presets to keep (see :func:`select_domains`); None keeps all.
     """
 
-    def __init__(self, dirs: Path | str | Sequence[Path | str], *, domains: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, dirs: Path | str | Sequence[Path | str], *, domains: Sequence[str] | None = None
+    ) -> None:
         folders = [Path(dirs)] if isinstance(dirs, str | Path) else [Path(d) for d in dirs]
         self.manifests = [load_manifest(folder) for folder in folders]
         available = sorted({d for m in self.manifests for d in m["domains"]})
@@ -84,7 +87,9 @@ class ShardSet:
             if shard["domain"] in chosen
         ]
         if not self.shards:
-            raise DamformerError(f"{', '.join(map(str, folders))}: no shard left for domains {sorted(chosen)}")
+            raise DamformerError(
+                f"{', '.join(map(str, folders))}: no shard left for domains {sorted(chosen)}"
+            )
         self.domains = sorted(chosen)
 
     @property
@@ -98,7 +103,9 @@ def plan_epoch(shards: Sequence[ShardInfo], *, epoch: int, seed: int, num_reader
     order = np.random.default_rng([seed, epoch, 17]).permutation(len(shards))
     factor = math.ceil(num_readers / len(shards))
     units = [
-        Unit(int(s), factor, j, len(range(j, len(shards[s].keys), factor))) for s in order for j in range(factor)
+        Unit(int(s), factor, j, len(range(j, len(shards[s].keys), factor)))
+        for s in order
+        for j in range(factor)
     ]
     units.sort(key=lambda u: -u.count)  # stable: equal counts keep the shuffled order
     parts: list[list[Unit]] = [[] for _ in range(num_readers)]
@@ -160,7 +167,9 @@ class ShardStream(IterableDataset):
 
     def batches_per_reader(self) -> list[int]:
         """Batches each reader of this rank yields this epoch (all equal when padding)."""
-        parts = plan_epoch(self.shards, epoch=self.epoch, seed=self.options.seed, num_readers=self.num_readers)
+        parts = plan_epoch(
+            self.shards, epoch=self.epoch, seed=self.options.seed, num_readers=self.num_readers
+        )
         counts = [sum(u.count for u in part) for part in parts]
         size = self.options.batch_size
         if self.options.pad:
@@ -213,7 +222,9 @@ class ShardStream(IterableDataset):
     def reader_batches(self, role: int, *, skip_batches: int = 0) -> Iterator[dict[str, Any]]:
         """Batches of one reader of this rank (``role`` in 0..num_workers-1), after skipping some."""
         reader = self.rank * self.num_workers + role
-        parts = plan_epoch(self.shards, epoch=self.epoch, seed=self.options.seed, num_readers=self.num_readers)
+        parts = plan_epoch(
+            self.shards, epoch=self.epoch, seed=self.options.seed, num_readers=self.num_readers
+        )
         size = self.options.batch_size
         target = self.batches_per_reader()[role] * size
         stream = self._padded(parts, reader, target)
@@ -235,8 +246,10 @@ class ShardStream(IterableDataset):
                 pending = []
         if pending:  # the last, partial batch (pad=False only: padded streams end on a whole batch)
             batch = self._batch(pending, reader, (position - 1) // size)
-            batch["num_skipped"] = self.skipped - reported
+            batch["num_skipped"], reported = self.skipped - reported, self.skipped
             yield batch
+        if self.skipped != reported:  # skips after the last batch (or a reader with nothing left to read)
+            yield {SKIP_REPORT: True, "num_skipped": self.skipped - reported}
 
     def _padded(
         self, parts: list[list[Unit]], reader: int, target: int
@@ -296,7 +309,12 @@ class ShardLoader:
     """
 
     def __init__(
-        self, shard_set: ShardSet, options: LoaderOptions | None = None, *, rank: int = 0, world_size: int = 1,
+        self,
+        shard_set: ShardSet,
+        options: LoaderOptions | None = None,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
         num_workers: int = 0,
     ) -> None:
         if not 0 <= rank < world_size:
@@ -304,7 +322,9 @@ class ShardLoader:
         self.options = options or LoaderOptions()
         self.num_workers = num_workers
         self.world_size = world_size
-        self.stream = ShardStream(shard_set, self.options, rank=rank, world_size=world_size, num_workers=num_workers)
+        self.stream = ShardStream(
+            shard_set, self.options, rank=rank, world_size=world_size, num_workers=num_workers
+        )
         self.epoch = 0
         self.batch = 0  # batches of the current epoch already handed out
         self.skipped = 0  # corrupt shards/samples skipped (on_error="skip"), over the loader's life
@@ -319,8 +339,10 @@ class ShardLoader:
             self.stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False
         )
         for batch in loader:
-            self.batch += 1
             self.skipped += batch.pop("num_skipped", 0)
+            if batch.pop(SKIP_REPORT, False):
+                continue
+            self.batch += 1
             yield batch
         self.epoch += 1
         self.batch = 0
@@ -328,14 +350,21 @@ class ShardLoader:
     def state_dict(self) -> dict[str, Any]:
         """Position in the data stream (store it in checkpoints)."""
         return {
-            "version": STATE_VERSION, "epoch": self.epoch, "batch": self.batch, "world_size": self.world_size,
-            "num_workers": self.num_workers, "batch_size": self.options.batch_size, "seed": self.options.seed,
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "batch_size": self.options.batch_size,
+            "seed": self.options.seed,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict` output; the layout that determines batches must be the same."""
         if state.get("version") != STATE_VERSION:
-            raise DamformerError(f"loader state: expected version {STATE_VERSION}, found {state.get('version')}")
+            raise DamformerError(
+                f"loader state: expected version {STATE_VERSION}, found {state.get('version')}"
+            )
         for field in ("world_size", "num_workers", "batch_size", "seed"):
             mine = self.state_dict()[field]
             if state[field] != mine:

@@ -46,7 +46,9 @@ class ShardStats:
         self.aerial_sumsq = (np.asarray(self.aerial_sumsq) + (bands**2).sum(axis=1)).tolist()
         self.aerial_pixels += bands.shape[1]
         if sample.label is not None:
-            self.class_pixels[sample.patch_id] = np.bincount(sample.label.ravel(), minlength=NUM_CLASSES).tolist()
+            self.class_pixels[sample.patch_id] = np.bincount(
+                sample.label.ravel(), minlength=NUM_CLASSES
+            ).tolist()
         if sample.s2 is not None:
             s2 = sample.s2.transpose(1, 0, 2, 3).reshape(sample.s2.shape[1], -1).astype(np.float64)
             self.s2_sum = (np.asarray(self.s2_sum) + s2.sum(axis=1)).tolist()
@@ -63,7 +65,9 @@ def _mean_std(total: np.ndarray, total_sq: np.ndarray, count: int) -> tuple[list
     return mean.tolist(), std.tolist()
 
 
-def build_manifest(params: dict[str, Any], fingerprint: str, shard_records: list[dict[str, Any]]) -> dict[str, Any]:
+def build_manifest(
+    params: dict[str, Any], fingerprint: str, shard_records: list[dict[str, Any]]
+) -> dict[str, Any]:
     """Merge per-shard sidecar records into the manifest dictionary."""
     class_total = np.zeros(NUM_CLASSES, dtype=np.int64)
     aerial = [np.zeros(len(AERIAL_BANDS)), np.zeros(len(AERIAL_BANDS)), 0]
@@ -73,7 +77,10 @@ def build_manifest(params: dict[str, Any], fingerprint: str, shard_records: list
     max_steps = 0
     for record in shard_records:
         stats = record["stats"]
-        shards.append({k: record[k] for k in ("name", "domain", "num_samples", "bytes", "sha256")} | {"keys": stats["keys"]})
+        shards.append(
+            {k: record[k] for k in ("name", "domain", "num_samples", "bytes", "sha256")}
+            | {"keys": stats["keys"]}
+        )
         for key in stats["keys"]:
             pixels = stats["class_pixels"].get(key)
             samples[key] = {"shard": record["name"], "domain": record["domain"], "class_pixels": pixels}

@@ -109,7 +109,9 @@ def decode_sample(files: Mapping[str, bytes], *, key: str, shard: str) -> Flair2
     where = f"{shard}: sample {key}"
     missing = [ext for ext in REQUIRED if ext not in files]
     if missing:
-        raise ShardFormatError(f"{where}: missing {', '.join(missing)} (has {', '.join(sorted(files)) or 'nothing'})")
+        raise ShardFormatError(
+            f"{where}: missing {', '.join(missing)} (has {', '.join(sorted(files)) or 'nothing'})"
+        )
     try:
         meta = json.loads(files["meta.json"])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -15,8 +15,10 @@ Encoded = dict[str, bytes]
 
 
 def write_tar(path: Path, samples: Iterable[tuple[str, Encoded]]) -> None:
-    """Write samples to ``path`` (caller renames it into place). Members carry no time or owner, so the
-    same samples always give the same bytes and the same sha256."""
+    """Write samples to ``path`` (the caller renames it into place).
+
+    Members carry no time or owner, so the same samples always give the same bytes and the same sha256.
+    """
     with path.open("wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for key, files in samples:
             for ext, data in files.items():
@@ -59,7 +61,11 @@ def iter_tar_samples(path: Path, *, shard: str | None = None) -> Iterator[tuple[
                 assert handle is not None  # regular file
                 current[ext] = handle.read()
     except (tarfile.TarError, EOFError, OSError) as exc:
-        raise ShardFormatError(f"{name}: corrupt or truncated tar after sample {current_key}: {exc}") from None
+        where = f"while reading sample {current_key}" if current_key else "before its first sample"
+        complete = max(len(seen) - 1, 0)
+        raise ShardFormatError(
+            f"{name}: corrupt or truncated tar {where} ({complete} complete samples before it): {exc}"
+        ) from None
     if current_key is not None:
         yield current_key, current
 

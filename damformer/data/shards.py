@@ -19,7 +19,6 @@ import json
 import logging
 import multiprocessing
 import re
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -104,13 +103,17 @@ def plan_shards(dataset: Flair2Dataset, options: ShardWriteOptions) -> list[Shar
         estimate = sum(len(b) for b in encode_sample(dataset[indices[0]]).values()) + 512 * 6  # tar headers
         per_shard = max(1, min(options.max_samples, options.shard_bytes // estimate))
         for number, start in enumerate(range(0, len(indices), per_shard)):
-            jobs.append(ShardJob(f"{domain}-{number:05d}.tar", domain, tuple(indices[start : start + per_shard])))
+            jobs.append(
+                ShardJob(f"{domain}-{number:05d}.tar", domain, tuple(indices[start : start + per_shard]))
+            )
     return jobs
 
 
 def _fingerprint(params: dict[str, Any], jobs: list[ShardJob], dataset: Flair2Dataset) -> str:
     plan = [[job.name, [dataset.patches[i].patch_id for i in job.indices]] for job in jobs]
-    text = json.dumps({"params": {k: v for k, v in params.items() if k != "src"}, "plan": plan}, sort_keys=True)
+    text = json.dumps(
+        {"params": {k: v for k, v in params.items() if k != "src"}, "plan": plan}, sort_keys=True
+    )
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -135,7 +138,7 @@ _WORKER_DATASET: Flair2Dataset | None = None
 
 
 def _init_worker(dataset: Flair2Dataset) -> None:
-    global _WORKER_DATASET  # noqa: PLW0603 (one dataset per worker process, set once)
+    global _WORKER_DATASET
     _WORKER_DATASET = dataset
 
 
@@ -159,8 +162,13 @@ def _write_shard(args: tuple[Path, ShardJob, str]) -> dict[str, Any]:
     try:
         write_tar(tmp, samples())
         record = {
-            "name": job.name, "domain": job.domain, "num_samples": len(job.indices), "bytes": tmp.stat().st_size,
-            "sha256": sha256_file(tmp), "fingerprint": fingerprint, "stats": asdict(stats),
+            "name": job.name,
+            "domain": job.domain,
+            "num_samples": len(job.indices),
+            "bytes": tmp.stat().st_size,
+            "sha256": sha256_file(tmp),
+            "fingerprint": fingerprint,
+            "stats": asdict(stats),
         }
         tmp.replace(tar)
     finally:
@@ -170,12 +178,17 @@ def _write_shard(args: tuple[Path, ShardJob, str]) -> dict[str, Any]:
 
 
 def write_shards(
-    dataset: Flair2Dataset, out: Path | str, options: ShardWriteOptions | None = None, *, overwrite: bool = False
+    dataset: Flair2Dataset,
+    out: Path | str,
+    options: ShardWriteOptions | None = None,
+    *,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Shard ``dataset`` into ``out`` (resuming a previous run with the same parameters).
 
     Returns:
-        The manifest dictionary (also written to ``out/manifest.json``).
+        The manifest dictionary (also written to ``out/manifest.json``) plus ``written``: the number of
+        shards this call wrote (the others were already complete).
 
     Raises:
         OutputExistsError: ``out`` holds a complete shard set made with other parameters (and not
@@ -195,37 +208,48 @@ def write_shards(
         if existing != fingerprint:
             if not overwrite:
                 raise OutputExistsError(
-                    f"{out}: holds a shard set made with other parameters; pass --overwrite or choose another --out"
+                    f"{out}: holds a shard set made with other parameters; "
+                    "pass --overwrite or choose another --out"
                 )
-            shutil.rmtree(out)
+            # Remove the old set's files only: anything else a user keeps in the folder stays.
+            for old in [*out.glob("*.tar"), *out.glob("*.tar.json")]:
+                old.unlink()
         (out / MANIFEST_NAME).unlink(missing_ok=True)  # rewritten below, after every shard is checked
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.tmp-*"):  # left by a killed run
         stale.unlink()
     tasks = [(out, job, fingerprint) for job in jobs]
     records: dict[str, dict[str, Any]] = {}
-    bar = progress(range(len(jobs)), desc=f"shard {out.name}", unit="shard")
-    if options.workers == 1:
-        _init_worker(dataset)
-        results = map(_write_shard, tasks)
-        for record, _ in zip(results, bar, strict=False):
-            records[record["name"]] = record
-    else:
-        context = multiprocessing.get_context("spawn")
-        with context.Pool(options.workers, initializer=_init_worker, initargs=(dataset,)) as pool:
-            for record, _ in zip(pool.imap_unordered(_write_shard, tasks), bar, strict=False):
+    desc = f"shard {out.name}"
+    try:
+        if options.workers == 1:
+            _init_worker(dataset)
+            for record in progress(map(_write_shard, tasks), total=len(jobs), desc=desc, unit="shard"):
                 records[record["name"]] = record
+        else:
+            context = multiprocessing.get_context("spawn")
+            with context.Pool(options.workers, initializer=_init_worker, initargs=(dataset,)) as pool:
+                written = pool.imap_unordered(_write_shard, tasks)
+                for record in progress(written, total=len(jobs), desc=desc, unit="shard"):
+                    records[record["name"]] = record
+    finally:
+        # A failure in one worker terminates the others mid-write: remove what they left. Complete
+        # shards (renamed, with their sidecar) stay, so the re-run after the fix resumes from them.
+        for stale in out.glob(".*.tmp-*"):
+            stale.unlink(missing_ok=True)
     skipped = sum(1 for r in records.values() if r["skipped"])
     if skipped:
         log.info("%d of %d shards were already complete and verified; skipped", skipped, len(jobs))
     manifest = build_manifest(params, fingerprint, [records[job.name] for job in jobs])
     atomic_write_bytes(out / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
-    return manifest
+    return manifest | {"written": len(jobs) - skipped}
 
 
 def verify_shards(shard_dir: Path | str) -> dict[str, int]:
-    """Re-check a shard set: every shard present, sizes and sha256 as recorded, every sample decodable and
-    listed in the manifest in order.
+    """Re-check a shard set.
+
+    Every shard must be present with its recorded size and sha256, and every sample must decode and be
+    listed in the manifest, in order.
 
     Returns:
         {"shards": n, "samples": m}.
