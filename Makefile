@@ -1,6 +1,7 @@
 # The two commands a new user needs (see README):
 #   make demo   set up a virtualenv and run the main job on the built-in miniature FLAIR-2
 #   make test   set up a virtualenv and run lint + the whole test suite (what .ci/run calls)
+#   make bench  the CPU benchmarks (ratios measured side by side; figures in benchmarks/RESULTS.md)
 #
 # Variables a cluster user may override:
 #   PYTHON       interpreter for the virtualenv (>= 3.11)            default: python3
@@ -20,7 +21,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.damformer-installed
 TORCH_INDEX_ARG := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: install demo test lint clean-demo
+.PHONY: install demo test lint bench clean-demo
 
 install: $(STAMP)
 
@@ -44,6 +45,9 @@ lint: install
 
 test: lint
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python benchmarks/bench_loader.py
 
 clean-demo:
 	rm -rf "$(DEMO_DIR)"

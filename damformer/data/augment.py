@@ -48,7 +48,11 @@ class GeometricAugment:
     rot90: float = 0.5
 
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        """Return a transformed copy of ``sample`` (arrays are contiguous copies)."""
+        """Return the transformed sample.
+
+        Its arrays are strided views of the input's: no copy here, :func:`collate_samples` copies each
+        array once, into the batch.
+        """
         do_h, do_v, do_r = rng.random(3) < (self.hflip, self.vflip, self.rot90)
         turns = int(rng.integers(1, 4)) if do_r else 0
         out = dict(sample)
@@ -62,5 +66,5 @@ class GeometricAugment:
                 array = array[..., ::-1, :]
             if turns:
                 array = np.rot90(array, k=turns, axes=(-2, -1))
-            out[key] = np.ascontiguousarray(array)
+            out[key] = array
         return out

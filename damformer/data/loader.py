@@ -209,7 +209,7 @@ class ShardStream(IterableDataset):
     def _decoded(self, record: tuple[str, Encoded, str], valid: bool) -> dict[str, Any] | None:
         key, files, shard = record
         try:
-            sample = training_sample(decode_sample(files, key=key, shard=shard))
+            sample = training_sample(decode_sample(files, key=key, shard=shard, masks=False))
         except ShardFormatError as exc:
             if self.options.on_error == "raise":
                 raise

@@ -59,7 +59,7 @@ def _npy_bytes(array: np.ndarray, *, compress: bool) -> bytes:
     return gzip.compress(raw, compresslevel=6, mtime=0) if compress else raw
 
 
-def _compact_s2(s2: np.ndarray) -> np.ndarray:
+def compact_s2(s2: np.ndarray) -> np.ndarray:
     """Store reflectances as int16/uint16 when that is lossless, else keep float32."""
     if s2.size and np.array_equal(s2, np.rint(s2)):
         low, high = float(s2.min()), float(s2.max())
@@ -76,7 +76,7 @@ def encode_sample(sample: Flair2Sample) -> dict[str, bytes]:
     if sample.label is not None:
         files["label.npy.gz"] = _npy_bytes(sample.label, compress=True)
     if sample.s2 is not None:
-        files["s2.npy"] = _npy_bytes(_compact_s2(sample.s2), compress=False)
+        files["s2.npy"] = _npy_bytes(compact_s2(sample.s2), compress=False)
         files["s2_masks.npy.gz"] = _npy_bytes(sample.s2_masks, compress=True)
     meta = {
         "format": FORMAT_VERSION,
@@ -96,16 +96,56 @@ def encode_sample(sample: Flair2Sample) -> dict[str, bytes]:
     return files
 
 
-def _load_npy(data: bytes, *, compressed: bool, where: str) -> np.ndarray:
+_NPY_MAGIC = b"\x93NUMPY"
+_HEADER_CACHE: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}
+
+
+def _parse_npy_header(raw: bytes | memoryview) -> tuple[np.dtype, tuple[int, ...], bool, int]:
+    """(dtype, shape, fortran_order, data offset) of npy bytes; headers repeat, so parses are cached."""
+    if bytes(raw[:6]) != _NPY_MAGIC or len(raw) < 10:
+        raise ValueError("not npy data (bad magic)")
+    major = raw[6]
+    if major == 1:
+        length, start = int.from_bytes(raw[8:10], "little"), 10
+    elif major == 2:
+        length, start = int.from_bytes(raw[8:12], "little"), 12
+    else:
+        raise ValueError(f"npy version {major} is not supported")
+    header = bytes(raw[start : start + length])  # bytes: a view would keep the shard's mmap alive
+    parsed = _HEADER_CACHE.get(header)
+    if parsed is None:
+        # numpy's own header parser (safe literal evaluation, refuses object dtypes below)
+        stream = io.BytesIO(raw[6 + 2 : start + length])
+        read_header = (
+            np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dtype = read_header(stream)
+        if dtype.hasobject:
+            raise ValueError("object arrays are not allowed (they would need pickle)")
+        parsed = (dtype, tuple(shape), bool(fortran))
+        if len(_HEADER_CACHE) < 1024:
+            _HEADER_CACHE[header] = parsed
+    return (*parsed, start + length)
+
+
+def _load_npy(data: bytes | memoryview, *, compressed: bool, where: str) -> np.ndarray:
+    """Decode npy bytes without copying them (the array is a read-only view of ``data``)."""
     try:
         raw = gzip.decompress(data) if compressed else data
-        return np.load(io.BytesIO(raw), allow_pickle=False)
+        dtype, shape, fortran, offset = _parse_npy_header(raw)
+        count = int(np.prod(shape, dtype=np.int64))
+        array = np.frombuffer(raw, dtype=dtype, count=count, offset=offset)
+        return array.reshape(shape, order="F" if fortran else "C")
     except (OSError, ValueError, EOFError) as exc:
         raise ShardFormatError(f"{where}: cannot decode the array: {exc}") from None
 
 
-def decode_sample(files: Mapping[str, bytes], *, key: str, shard: str) -> Flair2Sample:
-    """Decode {extension: bytes} back into the reader's :class:`Flair2Sample` (exactly equal arrays)."""
+def decode_sample(files: Mapping[str, bytes], *, key: str, shard: str, masks: bool = True) -> Flair2Sample:
+    """Decode {extension: bytes} back into the reader's :class:`Flair2Sample` (exactly equal arrays).
+
+    Arrays are read-only views of the bytes (copy them before writing in place). ``masks=False`` leaves
+    ``s2_masks`` None: training does not use them, and skipping them saves a decompression per sample.
+    """
     where = f"{shard}: sample {key}"
     missing = [ext for ext in REQUIRED if ext not in files]
     if missing:
@@ -113,7 +153,7 @@ def decode_sample(files: Mapping[str, bytes], *, key: str, shard: str) -> Flair2
             f"{where}: missing {', '.join(missing)} (has {', '.join(sorted(files)) or 'nothing'})"
         )
     try:
-        meta = json.loads(files["meta.json"])
+        meta = json.loads(bytes(files["meta.json"]))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ShardFormatError(f"{where}: meta.json is not valid JSON: {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
@@ -125,12 +165,17 @@ def decode_sample(files: Mapping[str, bytes], *, key: str, shard: str) -> Flair2
     label = None
     if "label.npy.gz" in files:
         label = _load_npy(files["label.npy.gz"], compressed=True, where=f"{where} label.npy.gz")
-    s2 = masks = offsets = None
+    s2 = s2_masks = offsets = None
     if "s2.npy" in files:
-        s2 = _load_npy(files["s2.npy"], compressed=False, where=f"{where} s2.npy").astype(np.float32)
-        masks = _load_npy(files["s2_masks.npy.gz"], compressed=True, where=f"{where} s2_masks.npy.gz")
+        s2 = _load_npy(files["s2.npy"], compressed=False, where=f"{where} s2.npy")
+        s2 = s2.astype(np.float32, copy=False)  # integers stored when lossless (single dates)
+        steps = {s2.shape[0], len(meta["s2_dates"])}
+        if masks:
+            s2_masks = _load_npy(files["s2_masks.npy.gz"], compressed=True, where=f"{where} s2_masks.npy.gz")
+            steps.add(s2_masks.shape[0])
         offsets = np.asarray(meta["s2_day_offsets"], dtype=np.int32)
-        if not (s2.shape[0] == masks.shape[0] == offsets.shape[0] == len(meta["s2_dates"])):
+        steps.add(offsets.shape[0])
+        if len(steps) != 1:
             raise ShardFormatError(f"{where}: time steps differ between s2, s2_masks and meta.json dates")
     try:
         return Flair2Sample(
@@ -142,7 +187,7 @@ def decode_sample(files: Mapping[str, bytes], *, key: str, shard: str) -> Flair2
             crs=meta["crs"],
             transform=Affine(*meta["transform"]),
             s2=s2,
-            s2_masks=masks,
+            s2_masks=s2_masks,
             s2_dates=tuple(dt.date.fromisoformat(d) for d in meta["s2_dates"]),
             s2_day_offsets=offsets,
             s2_num_acquisitions=int(meta["s2_num_acquisitions"]),
@@ -156,4 +201,4 @@ def decode_sample(files: Mapping[str, bytes], *, key: str, shard: str) -> Flair2
 
 def sample_meta(files: Mapping[str, bytes]) -> dict[str, Any]:
     """The parsed meta.json of an encoded sample (for statistics without decoding arrays)."""
-    return json.loads(files["meta.json"])
+    return json.loads(bytes(files["meta.json"]))

@@ -148,7 +148,7 @@ def test_batches_have_documented_dtypes_and_match_the_raw_tree(demo_root, demo_s
     raw = {dataset[i].patch_id: dataset[i] for i in range(len(dataset))}
     for batch in ShardLoader(ShardSet(demo_shards), LoaderOptions(batch_size=3, augment=False)):
         assert batch["aerial"].dtype == torch.uint8 and batch["aerial"].shape[1:] == (5, 256, 256)
-        assert batch["label"].dtype == torch.int64
+        assert batch["label"].dtype == torch.uint8
         assert batch["s2"].dtype == torch.float32 and batch["s2"].shape[2:] == (10, 40, 40)
         assert batch["s2_mask"].dtype == torch.bool and batch["s2_day_offsets"].dtype == torch.int64
         for row, key in enumerate(batch["keys"]):

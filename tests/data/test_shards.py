@@ -275,9 +275,7 @@ def test_truncated_tar_names_shard_and_last_good_sample(tiny_root, tmp_path):
     write_tar(path, [(dataset[i].patch_id, encode_sample(dataset[i])) for i in range(2)])
     second = dataset[1].patch_id
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2 + 1000])
-    with pytest.raises(
-        ShardFormatError, match=rf"x.tar: corrupt or truncated tar while reading sample {second} \(1 "
-    ):
+    with pytest.raises(ShardFormatError, match=rf"x.tar: corrupt or truncated tar in sample {second} \(1 "):
         list(iter_tar_samples(path))
 
 
@@ -397,3 +395,21 @@ def test_cli_errors_are_one_line_with_exit_2(tiny_root, tmp_path):
     failing = run("shard", "--src", str(tiny_root), "--out", str(tmp_path / "t"))
     assert failing.returncode == 2 and "IMG_000001.tif" in failing.stderr
     assert "Traceback" not in failing.stderr
+
+
+def test_damaged_header_and_missing_end_marker_are_reported(tiny_root, tmp_path):
+    path = tmp_path / "x.tar"
+    dataset = Flair2Dataset(tiny_root)
+    write_tar(path, [(dataset[0].patch_id, encode_sample(dataset[0]))])
+    good = path.read_bytes()
+    damaged = bytearray(good)
+    damaged[5] ^= 0x01  # inside the first member's name: its header checksum no longer matches
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(
+        ShardFormatError, match="x.tar: corrupt or truncated tar before its first sample.*checksum"
+    ):
+        list(iter_tar_samples(path))
+    end = good.rstrip(b"\0")
+    path.write_bytes(end + b"\0" * (-len(end) % 512))  # every member whole, but no end-of-archive marker
+    with pytest.raises(ShardFormatError, match="no end-of-archive marker"):
+        list(iter_tar_samples(path))
