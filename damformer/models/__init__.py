@@ -1,0 +1,1 @@
+"""Networks: MiT encoder, decoders, U-TAE, DTF fusion, DAM-Former and the ablation factory."""
