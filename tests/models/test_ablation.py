@@ -57,3 +57,10 @@ def test_names_and_defaults():
     assert ModelConfig().mit_size == "mit_b4" and ModelConfig().band_mode == "adapter"
     assert ModelConfig(arch="daformer", bands="rgb", temporal=False).name == "DAFormer RGB"
     assert ModelConfig(arch="unet_t").mit_size == "mit_b5"
+
+
+def test_segformer_head_alternative_for_daformer():
+    model = build_model(ModelConfig(arch="daformer", head="segformer", backbone="mit_b0", temporal=False))
+    out = model(torch.randint(0, 256, (1, 5, 64, 64), dtype=torch.uint8))
+    assert out["hr"].shape == (1, 13, 64, 64)
+    assert type(model.decoder).__name__ == "SegFormerHead"
