@@ -1,0 +1,1 @@
+"""Training machinery: schedules, optimiser groups, checkpoints, the loop."""

@@ -1,0 +1,1 @@
+"""Unsupervised domain adaptation by self-training (DACS as in DAFormer, with DAM-Former's additions)."""

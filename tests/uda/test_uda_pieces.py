@@ -1,0 +1,174 @@
+"""Each UDA piece pinned with values: EMA, pseudo-labels, ensemble, ClassMix, augmentation, RCS, schedule."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from damformer.engine.optim import build_optimizer, lr_factor, parameter_groups, set_learning_rate
+from damformer.eval.metrics import ConfusionMatrix, scores
+from damformer.uda.mixing import StrongAugment, classmix_masks, mix
+from damformer.uda.rcs import RareClassSampler, class_probabilities
+from damformer.uda.teacher import EMATeacher, ensemble_probabilities, pseudo_labels
+
+
+def _scalar_model(value: float) -> nn.Module:
+    model = nn.Sequential(nn.Linear(1, 1, bias=False), nn.BatchNorm1d(1))
+    with torch.no_grad():
+        model[0].weight.fill_(value)
+    return model
+
+
+def test_ema_rate_ramps_up_then_caps():
+    teacher = EMATeacher(_scalar_model(0.0), alpha=0.999)
+    assert [teacher.rate(t) for t in (0, 1, 3, 9)] == [0.0, 0.5, 0.75, 0.9]
+    assert teacher.rate(10_000) == 0.999
+
+
+def test_ema_update_arithmetic():
+    student = _scalar_model(1.0)
+    teacher = EMATeacher(student, alpha=0.9)
+    with torch.no_grad():
+        student[0].weight.fill_(3.0)
+        student[1].running_mean.fill_(7.0)
+    teacher.update(student, iteration=0)  # rate 0: the teacher becomes the student
+    assert teacher.model[0].weight.item() == 3.0
+    with torch.no_grad():
+        student[0].weight.fill_(5.0)
+    teacher.update(student, iteration=1)  # rate 0.5
+    assert teacher.model[0].weight.item() == pytest.approx(4.0)
+    teacher.update(student, iteration=100)  # rate capped at 0.9: 0.9 * 4 + 0.1 * 5
+    assert teacher.model[0].weight.item() == pytest.approx(4.1)
+    assert teacher.model[1].running_mean.item() == 7.0  # buffers copied
+    assert not teacher.model[0].weight.requires_grad
+
+
+def test_teacher_stays_in_eval_mode():
+    parent = nn.Module()
+    parent.teacher = EMATeacher(nn.Sequential(nn.Dropout(0.5)))
+    parent.train()
+    assert not parent.teacher.model.training
+
+
+def test_ensemble_weighting():
+    hr = torch.log(torch.tensor([0.6, 0.4]))[None, :, None, None]
+    lr = torch.log(torch.tensor([0.1, 0.9]))[None, :, None, None]
+    probs = ensemble_probabilities(hr, lr, lr_weight=0.2)
+    torch.testing.assert_close(
+        probs[0, :, 0, 0], torch.tensor([0.8 * 0.6 + 0.2 * 0.1, 0.8 * 0.4 + 0.2 * 0.9])
+    )
+    torch.testing.assert_close(ensemble_probabilities(hr, None)[0, :, 0, 0], torch.tensor([0.6, 0.4]))
+    flipped = ensemble_probabilities(hr, lr, lr_weight=0.5)  # a strong LR branch can change the label
+    assert flipped[0, :, 0, 0].argmax() == 1
+
+
+def test_pseudo_label_weights():
+    # image 0: confidences 0.99, 0.99, 0.5, 0.5; image 1: all 0.99
+    probs = torch.zeros(2, 2, 2, 2)
+    probs[0, 0] = torch.tensor([[0.99, 0.99], [0.5, 0.5]])
+    probs[0, 1] = 1 - probs[0, 0]
+    probs[1, 1] = 0.99
+    probs[1, 0] = 0.01
+    labels, weight = pseudo_labels(probs, threshold=0.968, mode="batch")
+    assert labels.tolist() == [[[0, 0], [0, 0]], [[1, 1], [1, 1]]]
+    assert torch.all(weight == 0.75)  # 6 of 8 pixels confident
+    _, per_image = pseudo_labels(probs, threshold=0.968, mode="image")
+    assert per_image[0].unique().tolist() == [0.5] and per_image[1].unique().tolist() == [1.0]
+    _, per_pixel = pseudo_labels(probs, threshold=0.968, mode="pixel")
+    assert per_pixel[0].tolist() == [[1.0, 1.0], [0.0, 0.0]]
+
+
+def test_classmix_takes_half_the_classes_of_each_image():
+    labels = torch.tensor(
+        [
+            [[0, 0, 1, 1], [2, 2, 3, 3]],  # four classes: two chosen
+            [[5, 5, 5, 5], [7, 7, 7, 255]],  # two classes (255 ignored): one chosen
+        ]
+    )
+    masks = classmix_masks(labels, torch.Generator().manual_seed(0))
+    for image, mask in zip(labels, masks, strict=True):
+        present = set(image[image != 255].tolist())
+        chosen = set(image[mask].tolist())
+        assert len(chosen) == math.ceil(len(present) / 2) and chosen <= present
+        assert torch.equal(mask, torch.isin(image, torch.tensor(sorted(chosen))))  # whole classes
+    assert not masks[1, 1, 3]  # ignore pixels never pasted
+    again = classmix_masks(labels, torch.Generator().manual_seed(0))
+    assert torch.equal(masks, again)
+
+
+def test_mix_images_and_labels():
+    mask = torch.tensor([[[True, False]]])
+    inside, outside = torch.ones(1, 3, 1, 2), torch.zeros(1, 3, 1, 2)
+    assert mix(mask, inside, outside)[0, :, 0].tolist() == [[1.0, 0.0]] * 3
+    assert mix(mask, torch.tensor([[[4, 4]]]), torch.tensor([[[9, 9]]])).tolist() == [[[4, 9]]]
+
+
+def test_strong_augment_leaves_elevation_alone_and_is_seeded():
+    aerial = torch.rand(4, 5, 32, 32) * 255
+    augment = StrongAugment(jitter_p=1.0, blur_p=1.0)
+    out = augment(aerial, torch.Generator().manual_seed(1))
+    assert torch.equal(out[:, 4], aerial[:, 4])
+    assert not torch.allclose(out[:, :4], aerial[:, :4])
+    assert out.min() >= 0 and out.max() <= 255
+    assert torch.equal(out, augment(aerial, torch.Generator().manual_seed(1)))
+
+
+def test_rcs_probabilities_from_counts():
+    probs = class_probabilities([900, 90, 10, 0], temperature=0.01)
+    freq = np.array([0.9, 0.09, 0.01])
+    expected = np.exp((1 - freq) / 0.01 - (1 - freq).max() / 0.01)
+    np.testing.assert_allclose(probs[:3], expected / expected.sum())
+    assert probs[3] == 0.0
+    assert probs[2] > probs[1] > probs[0]
+    np.testing.assert_allclose(class_probabilities([1, 1], temperature=0.5), [0.5, 0.5])
+
+
+def test_rcs_draws_samples_holding_the_class():
+    samples = {"a": [100, 0, 0], "b": [50, 50, 0], "c": [10, 0, 90]}
+    sampler = RareClassSampler(samples, temperature=0.1, min_pixels=20, seed=0)
+    assert sampler.candidates[1].tolist() == [1] and sampler.candidates[2].tolist() == [2]
+    draws = [sampler.draw(i) for i in range(300)]
+    for key, cls in draws:
+        assert samples[key][cls] > 20
+    counts = {c: sum(1 for _, d in draws if d == c) for c in range(3)}
+    assert counts[2] > counts[0]  # rarer class drawn more often
+    assert draws == [sampler.draw(i) for i in range(300)]  # seeded
+    assert RareClassSampler({"a": [262144 - 10, 10]}).min_pixels == 3000  # DAFormer's value at 512 x 512
+
+
+def test_warmup_and_poly_schedule_values():
+    assert lr_factor(0, warmup=10, max_iters=100) == pytest.approx(1e-6)
+    assert lr_factor(5, warmup=10, max_iters=100) == pytest.approx(0.95 * (1 - 0.5 * (1 - 1e-6)))
+    assert lr_factor(10, warmup=10, max_iters=100) == pytest.approx(0.9)
+    assert lr_factor(50, warmup=10, max_iters=100) == pytest.approx(0.5)
+    assert lr_factor(100, warmup=10, max_iters=100) == 0.0
+
+
+def test_parameter_groups_head_multiplier_and_no_decay_on_norms():
+    model = nn.Module()
+    model.encoder = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    model.decoder = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    groups = parameter_groups(model, lr=1e-4, weight_decay=0.01, head_lr_mult=10)
+    by_key = {(g["lr"], g["weight_decay"]): sum(p.numel() for p in g["params"]) for g in groups}
+    assert by_key == {(1e-4, 0.0): 4 + 8, (1e-4, 0.01): 16, (1e-3, 0.0): 4 + 8, (1e-3, 0.01): 16}
+    optimizer = build_optimizer(model, lr=1e-4)
+    set_learning_rate(optimizer, 1e-4, 0.5)
+    assert sorted({g["lr"] for g in optimizer.param_groups}) == [5e-5, 5e-4]
+
+
+def test_miou_accumulates_over_the_set_and_ignores_absent_classes():
+    matrix = ConfusionMatrix(4)
+    labels = torch.tensor([[0, 0, 1, 255]])
+    matrix.update(torch.tensor([[0, 1, 1, 3]]), labels)
+    matrix.update(torch.tensor([[0, 0]]), torch.tensor([[0, 1]]))
+    result = scores(matrix.matrix)
+    # class 0: TP 2, FP 1, FN 1 -> 2/4; class 1: TP 1, FP 1, FN 1 -> 1/3; classes 2, 3: absent -> NaN
+    # (the prediction 3 falls on an ignored pixel: not counted)
+    assert result.iou[0] == pytest.approx(0.5) and result.iou[1] == pytest.approx(1 / 3)
+    assert math.isnan(result.iou[2]) and math.isnan(result.iou[3])
+    assert result.miou == pytest.approx((0.5 + 1 / 3) / 2)
+    assert result.accuracy == pytest.approx(3 / 5)
+    with pytest.raises(ValueError, match="labels: expected 0..3"):
+        matrix.update(torch.tensor([[0]]), torch.tensor([[7]]))
