@@ -229,6 +229,95 @@ def _add_shard_parsers(commands: argparse._SubParsersAction) -> None:
     verify.set_defaults(run=_cmd_shard_verify)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from damformer.config import load_config
+    from damformer.engine.train import Trainer
+
+    config = load_config(args.config, args.set)
+    if args.output_dir is not None:
+        config.run.output_dir = str(args.output_dir)
+    trainer = Trainer(config)
+    print(
+        f"training {config.model.name} ({'UDA' if config.uda.enabled else 'source only'}) for "
+        f"{config.optim.max_iters} iterations on {trainer.device}; output: {config.run.output_dir}"
+    )
+    result = trainer.run(resume=args.resume)
+    if result.scores is not None:
+        print(f"target test mIoU {100 * result.scores.miou:.2f}  accuracy {100 * result.scores.accuracy:.2f}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from damformer.config import ConfigError, _build
+    from damformer.data.classes import FLAIR_CLASSES
+    from damformer.data.loader import ShardSet
+    from damformer.engine.checkpoint import load_checkpoint
+    from damformer.eval.evaluate import evaluate
+    from damformer.models.factory import ModelConfig, build_model
+
+    state = load_checkpoint(args.checkpoint)
+    model_config = _build(ModelConfig, state["config"]["model"], "model")
+    model = build_model(model_config)
+    prefix = "student." if not args.teacher else "teacher.model."
+    weights = {k.removeprefix(prefix): v for k, v in state["uda"].items() if k.startswith(prefix)}
+    if not weights:
+        raise ConfigError(f"{args.checkpoint}: no {'teacher' if args.teacher else 'student'} weights in it")
+    model.load_state_dict(weights)
+    device = torch.device(
+        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    model.to(device)
+    shard_set = ShardSet(args.shards, domains=args.domains)
+    result = evaluate(
+        model, shard_set, num_classes=model_config.num_classes, batch_size=args.batch_size, device=device
+    )
+    names = [c.name for c in FLAIR_CLASSES][: model_config.num_classes]
+    print(f"{model_config.name} at iteration {state['iteration']} on {', '.join(map(str, args.shards))}")
+    print(result.table(names))
+    return 0
+
+
+def _add_training_parsers(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser(
+        "train",
+        formatter_class=_Formatter,
+        help="train a model: UDA self-training from source shards to target shards (or source only)",
+        description="Train one of the ablation's models from a YAML config (see configs/). Writes the "
+        "merged config, checkpoint.pt (student, teacher, optimiser, RNG, data cursors), history.json "
+        "and scores.json into run.output_dir. --resume continues exactly where a killed run stopped.",
+        epilog="examples:\n"
+        "  damformer train configs/demo/damformer.yaml\n"
+        "  damformer train configs/demo/damformer.yaml --set optim.max_iters=100 --set uda.enabled=false\n"
+        "  damformer train configs/demo/damformer.yaml --resume",
+    )
+    train.add_argument("config", type=Path, help="YAML run config")
+    train.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value"
+    )
+    train.add_argument("--output-dir", type=Path, help="override run.output_dir")
+    train.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
+    train.set_defaults(run=_cmd_train)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        formatter_class=_Formatter,
+        help="score a checkpoint on labelled shards (per-class IoU, mIoU, accuracy)",
+        description="Evaluate the student (or --teacher) of a checkpoint on labelled shard sets: IoU per "
+        "class accumulated over the whole set, mIoU over the classes present, overall accuracy.",
+        epilog="example:\n  damformer evaluate --checkpoint runs/demo/damformer/checkpoint.pt "
+        "--shards runs/demo/shards/north-test",
+    )
+    evaluate.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.pt of a run")
+    evaluate.add_argument("--shards", type=Path, nargs="+", required=True, help="labelled shard sets")
+    evaluate.add_argument("--domains", nargs="+", help="restrict to these domains")
+    evaluate.add_argument("--batch-size", type=int, default=2, help="samples per forward pass")
+    evaluate.add_argument("--teacher", action="store_true", help="evaluate the EMA teacher instead")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    evaluate.set_defaults(run=_cmd_evaluate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``damformer`` command (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(
@@ -279,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataset_arguments(read)
     read.set_defaults(run=_cmd_read)
     _add_shard_parsers(commands)
+    _add_training_parsers(commands)
     return parser
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from damformer.data.augment import GeometricAugment, training_sample
@@ -335,8 +336,15 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.stream.epoch, self.stream.start_batch = self.epoch, self.batch
+        # Our streams draw from their own seeded generators; a private generator keeps the DataLoader
+        # from drawing its worker base seed from the global RNG, which would make training randomness
+        # (dropout) depend on when epochs start, and a resumed run differ from an uninterrupted one.
         loader = DataLoader(
-            self.stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False
+            self.stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            generator=torch.Generator().manual_seed(self.options.seed),
         )
         for batch in loader:
             self.skipped += batch.pop("num_skipped", 0)

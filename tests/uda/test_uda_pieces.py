@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from damformer.data.rcs import RareClassSampler, class_probabilities
 from damformer.engine.optim import build_optimizer, lr_factor, parameter_groups, set_learning_rate
 from damformer.eval.metrics import ConfusionMatrix, scores
 from damformer.uda.mixing import StrongAugment, classmix_masks, mix
-from damformer.uda.rcs import RareClassSampler, class_probabilities
 from damformer.uda.teacher import EMATeacher, ensemble_probabilities, pseudo_labels
 
 

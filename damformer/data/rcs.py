@@ -20,7 +20,7 @@ REFERENCE_AREA = 512 * 512
 def class_probabilities(class_pixels: Sequence[int], *, temperature: float = 0.01) -> np.ndarray:
     """P(c) = softmax((1 - f_c) / T) over classes with pixels; 0 for absent classes."""
     if temperature <= 0:
-        raise ValueError(f"uda.rcs.temperature: expected > 0, found {temperature}")
+        raise ValueError(f"uda.rcs_temperature: expected > 0, found {temperature}")
     counts = np.asarray(class_pixels, dtype=np.float64)
     present = counts > 0
     freq = counts / counts.sum()

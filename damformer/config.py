@@ -1,0 +1,265 @@
+"""Typed run configuration: dataclasses with defaults in code, YAML holding differences, ``--set`` overrides.
+
+A config file has up to seven sections (all optional): ``data``, ``model``, ``uda``, ``optim``, ``eval``,
+``log`` and ``run``. Keys are validated once, at start-up. An unknown key, a wrong type or a bad value
+is a :class:`ConfigError` naming the key. The merged config is written into the run folder.
+
+    damformer train configs/demo/damformer.yaml --set optim.max_iters=200 --set uda.enabled=false
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from damformer.errors import DamformerError
+from damformer.models.factory import ModelConfig
+
+
+class ConfigError(DamformerError):
+    """A configuration key is unknown, of the wrong type, or has a bad value."""
+
+
+@dataclass
+class DataConfig:
+    """Shard sets: labelled source, unlabelled target, labelled target test (for evaluation).
+
+    Attributes:
+        source, target, target_test: shard-set folders (each a list).
+        source_domains, target_domains: restrict the sets to these domains (ids, prefixes, presets).
+        batch_size: source and target samples per step (each), per process.
+        num_workers: DataLoader workers of the target stream.
+        shuffle_buffer: seeded shuffle buffer of the streams.
+        augment: random flips / rot90 (aerial, label, every S2 date alike).
+    """
+
+    source: list[str] = field(default_factory=list)
+    target: list[str] = field(default_factory=list)
+    target_test: list[str] = field(default_factory=list)
+    source_domains: list[str] | None = None
+    target_domains: list[str] | None = None
+    batch_size: int = 2
+    num_workers: int = 0
+    shuffle_buffer: int = 64
+    augment: bool = True
+
+
+@dataclass
+class UDAConfig:
+    """Self-training (method.md section 5). ``enabled: false`` trains on the source only (baselines).
+
+    Attributes:
+        ema_alpha: the teacher's largest EMA factor.
+        pseudo_threshold, pseudo_weight: confidence threshold; weight per ``batch``, ``image`` or ``pixel``.
+        classmix, strong_augment: ClassMix per image; colour jitter + blur of the mixed images.
+        hr_weight, lr_weight: mixed loss: weights of the HR and LR cross-entropies (LR needs +T).
+        ensemble_lr_weight: ensemble pseudo-labels: weight of the teacher's LR probabilities (0: HR only).
+        rcs, rcs_temperature, rcs_min_pixels: rare class sampling of the source (None: scaled 3000).
+        feature_distance, fd_lambda, fd_classes: ImageNet feature distance (needs pretrained weights).
+        mic, mic_ratio, mic_block, mic_weight: masked image consistency on the target (off by default).
+    """
+
+    enabled: bool = True
+    ema_alpha: float = 0.999
+    pseudo_threshold: float = 0.968
+    pseudo_weight: str = "batch"
+    classmix: bool = True
+    strong_augment: bool = True
+    hr_weight: float = 1.0
+    lr_weight: float = 1.0
+    ensemble_lr_weight: float = 0.2
+    rcs: bool = True
+    rcs_temperature: float = 0.01
+    rcs_min_pixels: int | None = None
+    feature_distance: bool = False
+    fd_lambda: float = 0.005
+    fd_classes: list[int] = field(default_factory=lambda: [0])
+    mic: bool = False
+    mic_ratio: float = 0.7
+    mic_block: int = 32
+    mic_weight: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW, warmup + poly (method.md section 6), accumulation and clipping."""
+
+    lr: float = 6e-5
+    head_lr_mult: float = 10.0
+    weight_decay: float = 0.01
+    warmup: int = 1500
+    max_iters: int = 40000
+    grad_accum: int = 1
+    grad_clip: float | None = None
+
+
+@dataclass
+class EvalConfig:
+    """Periodic evaluation on ``data.target_test`` (0: only at the end)."""
+
+    interval: int = 4000
+    batch_size: int = 2
+    teacher: bool = False
+
+
+@dataclass
+class LogConfig:
+    """Console/JSON logging and checkpoint cadence."""
+
+    interval: int = 50
+    checkpoint_interval: int = 1000
+
+
+@dataclass
+class RunSettings:
+    """Where and how: output folder, seed, device (``auto``: CUDA when available)."""
+
+    output_dir: str = "runs/train"
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class RunConfig:
+    """A whole training run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    uda: UDAConfig = field(default_factory=UDAConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    run: RunSettings = field(default_factory=RunSettings)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (for YAML, checkpoints and tracking)."""
+        return dataclasses.asdict(self)
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field annotation; ints are accepted where floats are expected."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(key, value, option)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, found {value!r}")
+        (item,) = typing.get_args(annotation)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool) and (
+        not isinstance(value, annotation) or (annotation is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{key}: expected {annotation.__name__}, found {value!r}")
+    return value
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix}: expected a mapping of keys, found {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{prefix}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in values.items():
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[name] = _build(annotation, value, f"{prefix}.{name}" if prefix else name)
+        else:
+            kwargs[name] = _coerce(f"{prefix}.{name}" if prefix else name, value, annotation)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def apply_override(values: dict[str, Any], assignment: str) -> None:
+    """Apply ``section.key=value`` (value parsed as YAML: numbers, booleans, lists) to a raw mapping."""
+    key, sep, text = assignment.partition("=")
+    if not sep or "." not in key:
+        raise ConfigError(f"--set {assignment!r}: expected section.key=value, e.g. optim.lr=1e-4")
+    section, name = key.strip().split(".", 1)
+    try:
+        parsed = yaml.safe_load(text)
+    except yaml.YAMLError:
+        parsed = text
+    values.setdefault(section, {})
+    if not isinstance(values[section], dict):
+        raise ConfigError(f"--set {assignment!r}: {section} is not a section")
+    values[section][name] = parsed
+
+
+def load_config(path: Path | str | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML config (or none: the defaults), apply ``--set`` overrides, validate.
+
+    Raises:
+        ConfigError: unreadable YAML, unknown keys, wrong types or bad values, naming the key.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the config: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, found {type(values).__name__}")
+    for assignment in overrides:
+        apply_override(values, assignment)
+    config = _build(RunConfig, values, "")
+    validate(config)
+    return config
+
+
+def validate(config: RunConfig) -> None:
+    """Cross-field checks that need no data (the data checks run when the shard sets open)."""
+    if config.uda.pseudo_weight not in ("batch", "image", "pixel"):
+        raise ConfigError(
+            f"uda.pseudo_weight: expected batch, image or pixel, found {config.uda.pseudo_weight!r}"
+        )
+    if not 0 < config.uda.pseudo_threshold < 1:
+        raise ConfigError(
+            f"uda.pseudo_threshold: expected a value in (0, 1), found {config.uda.pseudo_threshold}"
+        )
+    if not 0 <= config.uda.ensemble_lr_weight <= 1:
+        raise ConfigError(f"uda.ensemble_lr_weight: expected 0..1, found {config.uda.ensemble_lr_weight}")
+    for key in ("max_iters", "grad_accum"):
+        if getattr(config.optim, key) < 1:
+            raise ConfigError(f"optim.{key}: expected >= 1, found {getattr(config.optim, key)}")
+    if config.data.batch_size < 1:
+        raise ConfigError(f"data.batch_size: expected >= 1, found {config.data.batch_size}")
+    if not config.data.source:
+        raise ConfigError("data.source: expected at least one source shard set (damformer shard --out DIR)")
+    if config.uda.enabled and not config.data.target:
+        raise ConfigError("data.target: UDA needs a target shard set (or set uda.enabled=false)")
+    if config.run.device not in ("auto", "cpu", "cuda") and not config.run.device.startswith("cuda:"):
+        raise ConfigError(f"run.device: expected auto, cpu or cuda[:N], found {config.run.device!r}")
+
+
+def dump_config(config: RunConfig, path: Path) -> None:
+    """Write the merged config as YAML (atomically)."""
+    from damformer.data.shard_io import atomic_write_bytes
+
+    atomic_write_bytes(path, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())

@@ -1,0 +1,47 @@
+"""Evaluate a segmentation model on labelled shards: confusion matrix, per-class IoU, mIoU, accuracy."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from damformer.data.loader import LoaderOptions, ShardLoader, ShardSet
+from damformer.eval.metrics import ConfusionMatrix, SegmentationScores, scores
+from damformer.progress import progress
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Move the tensors of a batch to ``device`` (labels stay uint8 until the loss casts them)."""
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    shard_set: ShardSet,
+    *,
+    num_classes: int,
+    batch_size: int = 2,
+    device: torch.device | None = None,
+) -> SegmentationScores:
+    """Score the HR prediction (argmax) of ``model`` on every labelled sample of ``shard_set``."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    matrix = ConfusionMatrix(num_classes)
+    loader = ShardLoader(
+        shard_set, LoaderOptions(batch_size=batch_size, augment=False, pad=False, shuffle_buffer=1)
+    )
+    for batch in progress(loader, desc="evaluate", unit="batch", total=len(loader)):
+        if "label" not in batch:
+            raise ValueError("evaluation needs labelled shards (these were sharded with --no-labels)")
+        batch = to_device(batch, device)
+        inputs = [batch["aerial"]]
+        if "s2" in batch:
+            inputs += [batch["s2"], batch["s2_mask"], batch["s2_day_offsets"]]
+        logits = model(*inputs)["hr"]
+        matrix.update(logits.argmax(dim=1), batch["label"])
+    model.train(was_training)
+    return scores(matrix.matrix)

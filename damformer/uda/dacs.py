@@ -1,0 +1,185 @@
+"""One self-training step (DACS as in DAFormer, with DAM-Former's mixed loss and ensemble pseudo-labels).
+
+Order per iteration (method.md section 5):
+
+1. source forward, supervised loss (HR + LR cross-entropy, "mixed loss"), optional ImageNet feature
+   distance, backward;
+2. teacher forward on the un-augmented target with the target's own Sentinel-2 series; ensemble
+   pseudo-labels (HR and LR probabilities) and their confidence weight;
+3. ClassMix per image: half of each source image's classes pasted onto a target image; mixed labels =
+   source labels inside, pseudo-labels outside; weights 1 inside, the confidence weight outside;
+   strong photometric augmentation of the mixed images; the mixed sample keeps the **target's**
+   Sentinel-2 series (its background is the target patch); mixed loss, backward;
+4. optional MIC: masked target, pseudo-labelled by the teacher, backward.
+
+The caller then steps the optimiser and calls :meth:`SelfTraining.update_teacher`. Backward goes
+through a callable so a DDP or DeepSpeed wrapper can own it; this module imports no distributed code.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from damformer.models.damformer import AERIAL_MEAN
+from damformer.uda.mixing import IGNORE_INDEX, StrongAugment, classmix_masks, mix
+from damformer.uda.teacher import EMATeacher, ensemble_probabilities, pseudo_labels
+
+Batch = dict[str, Any]
+Backward = Callable[[torch.Tensor], None]
+
+
+def weighted_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Pixel cross-entropy (ignore index 255), times an optional pixel weight, averaged over all pixels."""
+    loss = F.cross_entropy(logits.float(), labels.long(), reduction="none", ignore_index=IGNORE_INDEX)
+    if weight is not None:
+        loss = loss * weight
+    return loss.mean()
+
+
+def model_inputs(batch: Batch) -> tuple[torch.Tensor, ...]:
+    """The positional inputs of a DAMFormer from a batch (Sentinel-2 fields when present)."""
+    if "s2" in batch:
+        return batch["aerial"], batch["s2"], batch["s2_mask"], batch["s2_day_offsets"]
+    return (batch["aerial"],)
+
+
+class SelfTraining(nn.Module):
+    """Student, EMA teacher and the UDA losses.
+
+    The teacher and the frozen encoder are submodules, so ``state_dict`` carries them into checkpoints.
+
+    Args:
+        student: the network being trained (maybe wrapped later; pass the bare module here).
+        config: a :class:`damformer.config.UDAConfig`.
+        seed: seed of the ClassMix, augmentation and MIC draws.
+    """
+
+    def __init__(self, student: nn.Module, config: Any, *, seed: int = 0) -> None:
+        super().__init__()
+        self.config = config
+        self.student = student
+        self.teacher = EMATeacher(student, alpha=config.ema_alpha) if config.enabled else None
+        self.augment = StrongAugment() if config.strong_augment else None
+        self.imagenet = None
+        if config.enabled and config.feature_distance:
+            # the encoder as loaded (ImageNet weights), frozen: features to stay close to on "thing" classes
+            self.imagenet = copy.deepcopy(student).requires_grad_(False).eval()
+            self.imagenet.decoder = nn.Identity()  # only its encoder (and band adapter) is ever run
+            self.imagenet.temporal = self.imagenet.fusion = self.imagenet.lr_head = None
+        self.generator = torch.Generator().manual_seed(seed)
+
+    # -- losses ------------------------------------------------------------------------------------
+
+    def supervised_loss(
+        self, out: dict[str, Any], labels: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mixed loss: HR cross-entropy, plus the LR branch's when the model has one."""
+        loss = self.config.hr_weight * weighted_cross_entropy(out["hr"], labels, weight)
+        if out.get("lr") is not None and self.config.lr_weight > 0:
+            loss = loss + self.config.lr_weight * weighted_cross_entropy(out["lr"], labels, weight)
+        return loss
+
+    def feature_distance(self, source: Batch, features: list[torch.Tensor]) -> torch.Tensor:
+        """L2 distance to the frozen ImageNet encoder on cells mostly (>= 75%) of the configured classes."""
+        assert self.imagenet is not None
+        with torch.no_grad():
+            x = self.imagenet.normalise_aerial(source["aerial"])
+            if self.imagenet.adapter is not None:
+                x = self.imagenet.adapter(x)
+            reference = self.imagenet.encoder(x)[-1]
+        student = features[-1]
+        labels = source["label"].long()
+        things = torch.zeros_like(labels, dtype=torch.float32)
+        for cls in self.config.fd_classes:
+            things += (labels == cls).float()
+        purity = F.adaptive_avg_pool2d(things[:, None], student.shape[-2:])[:, 0]
+        cells = purity >= 0.75
+        if not cells.any():
+            return student.sum() * 0.0  # keeps the graph (DDP expects every parameter used)
+        distance = torch.norm(student - reference, dim=1)[cells]
+        return self.config.fd_lambda * distance.mean()
+
+    # -- the step ----------------------------------------------------------------------------------
+
+    def forward_backward(
+        self, source: Batch, target: Batch | None, *, backward: Backward | None = None, scale: float = 1.0
+    ) -> dict[str, float]:
+        """Compute and back-propagate every loss of one (micro-)step; returns scalar metrics."""
+        backward = backward or (lambda loss: loss.backward())
+        metrics: dict[str, float] = {}
+        out = self.student(*model_inputs(source))
+        loss = self.supervised_loss(out, source["label"])
+        metrics["loss_source"] = float(loss.detach())
+        if self.imagenet is not None:
+            distance = self.feature_distance(source, out["features"])
+            metrics["loss_feature_distance"] = float(distance.detach())
+            loss = loss + distance
+        backward(loss * scale)
+        del out
+        if self.teacher is None or target is None:
+            return metrics
+
+        with torch.no_grad():
+            teacher_out = self.teacher(*model_inputs(target))  # the target with its own S2 series
+            probs = ensemble_probabilities(
+                teacher_out["hr"], teacher_out["lr"], lr_weight=self.config.ensemble_lr_weight
+            )
+            labels, weight = pseudo_labels(
+                probs, threshold=self.config.pseudo_threshold, mode=self.config.pseudo_weight
+            )
+        metrics["pseudo_confidence"] = float(weight.mean())
+
+        source_labels = source["label"].long()
+        if self.config.classmix:
+            masks = classmix_masks(source_labels.cpu(), self.generator).to(source_labels.device)
+        else:
+            masks = torch.zeros_like(source_labels, dtype=torch.bool)
+        mixed = dict(target)
+        mixed_aerial = mix(masks, source["aerial"].float(), target["aerial"].float())
+        if self.augment is not None:
+            mixed_aerial = self.augment(mixed_aerial.cpu(), self.generator).to(mixed_aerial.device)
+        mixed["aerial"] = mixed_aerial
+        mixed_labels = mix(masks, source_labels, labels)
+        mixed_weight = mix(masks, torch.ones_like(weight), weight)
+        mixed_out = self.student(*model_inputs(mixed))
+        mixed_loss = self.supervised_loss(mixed_out, mixed_labels, mixed_weight)
+        metrics["loss_mixed"] = float(mixed_loss.detach())
+        backward(mixed_loss * scale)
+        del mixed_out
+
+        if self.config.mic:
+            masked = dict(target)
+            masked["aerial"] = self._mask_blocks(target["aerial"].float())
+            mic_out = self.student(*model_inputs(masked))
+            mic_loss = self.config.mic_weight * weighted_cross_entropy(mic_out["hr"], labels, weight)
+            metrics["loss_mic"] = float(mic_loss.detach())
+            backward(mic_loss * scale)
+        return metrics
+
+    def _mask_blocks(self, aerial: torch.Tensor) -> torch.Tensor:
+        """MIC: hide ``mic_ratio`` of the ``mic_block``-pixel blocks (band means: 0 once normalised)."""
+        batch, bands, height, width = aerial.shape
+        block = self.config.mic_block
+        grid = (-(-height // block), -(-width // block))
+        keep = torch.rand(batch, 1, *grid, generator=self.generator) >= self.config.mic_ratio
+        keep = (
+            keep.repeat_interleave(block, 2)
+            .repeat_interleave(block, 3)[..., :height, :width]
+            .to(aerial.device)
+        )
+        fill = torch.tensor(AERIAL_MEAN[:bands], device=aerial.device)[None, :, None, None]
+        return torch.where(keep, aerial, fill)
+
+    @torch.no_grad()
+    def update_teacher(self, iteration: int) -> None:
+        """EMA step of the teacher after the optimiser step of ``iteration``."""
+        if self.teacher is not None:
+            self.teacher.update(self.student, iteration)

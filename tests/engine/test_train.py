@@ -1,0 +1,134 @@
+"""The training loop: seeded reproducibility, exact resume after a kill, baselines, errors before compute."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from damformer.cli import main
+from damformer.config import ConfigError, load_config
+from damformer.data.shard_format import ShardFormatError
+from damformer.engine.checkpoint import load_checkpoint
+from damformer.engine.train import Trainer
+
+
+def _train(overrides, **kwargs):
+    trainer = Trainer(load_config(None, overrides))
+    return trainer, trainer.run(**kwargs)
+
+
+def test_seeded_run_reproduces_its_loss_curve(tiny_overrides, tmp_path):
+    _, first = _train(tiny_overrides(tmp_path / "a"))
+    _, second = _train(tiny_overrides(tmp_path / "b"))
+    keys = {"loss_source", "loss_mixed", "loss_mic", "pseudo_confidence", "lr"}
+    assert keys <= set(first.history[0])
+    assert first.history == second.history  # exact, float for float
+    assert len(first.history) == 6
+    assert first.scores is not None and 0 <= first.scores.miou <= 1
+    saved = json.loads((tmp_path / "a" / "scores.json").read_text())
+    assert saved["miou"] == first.scores.miou
+
+
+def test_resume_continues_exactly(tiny_overrides, tmp_path):
+    full, _ = _train(tiny_overrides(tmp_path / "full"))
+    _, stopped = _train(tiny_overrides(tmp_path / "cut"), stop_after=4)
+    assert stopped.iterations == 4 and stopped.scores is None
+    resumed, result = _train(tiny_overrides(tmp_path / "cut"), resume=True)
+    assert result.iterations == 6
+    assert resumed.history == full.history
+    for (name, a), (_, b) in zip(
+        full.uda.state_dict().items(), resumed.uda.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_weights(tiny_overrides, tmp_path):
+    iterations = {"optim": {"max_iters": 24}, "eval": {"interval": 0}}
+    full, _ = _train(tiny_overrides(tmp_path / "full", **iterations))
+    command = [sys.executable, "-m", "damformer", "-q", "train", "/dev/null"]
+    for assignment in tiny_overrides(tmp_path / "killed", **iterations):
+        command += ["--set", assignment]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoint = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if checkpoint.is_file() and 4 <= load_checkpoint(checkpoint)["iteration"] < 20:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = load_checkpoint(checkpoint)["iteration"]
+    assert killed_at < 24
+    resume = subprocess.run([*command, "--resume"], capture_output=True, text=True, check=False)
+    assert resume.returncode == 0, resume.stderr
+    final = load_checkpoint(checkpoint)
+    assert final["iteration"] == 24
+    assert final["history"] == full.history
+    for name, tensor in full.uda.state_dict().items():
+        assert torch.equal(final["uda"][name], tensor), name
+
+
+def test_source_only_baseline(tiny_overrides, tmp_path):
+    trainer, result = _train(tiny_overrides(tmp_path / "s", uda={"enabled": False, "rcs": False}))
+    assert trainer.uda.teacher is None and trainer.target is None
+    assert set(result.history[0]) == {"loss_source", "lr", "iteration"}
+
+
+def test_feature_distance_and_aerial_only_model(tiny_overrides, tmp_path):
+    overrides = tiny_overrides(
+        tmp_path / "fd",
+        model={"temporal": False},
+        uda={"feature_distance": True, "fd_classes": list(range(13))},
+    )
+    _, result = _train(overrides)
+    assert result.history[0]["loss_feature_distance"] >= 0
+
+
+def test_bad_configs_fail_before_any_compute(tiny_overrides, tiny_shards, tmp_path):
+    with pytest.raises(ConfigError, match="model: unknown key"):
+        load_config(None, [*tiny_overrides(tmp_path), "model.backbon=mit_b0"])
+    with pytest.raises(ConfigError, match="model.arch: expected one of"):
+        load_config(None, [*tiny_overrides(tmp_path), "model.arch=segnet"])
+    with pytest.raises(ConfigError, match="optim.lr: expected float"):
+        load_config(None, [*tiny_overrides(tmp_path), "optim.lr=fast"])
+    with pytest.raises(ConfigError, match="optim: unknown key"):
+        load_config(None, [*tiny_overrides(tmp_path), "optim.learning_rate=1"])
+    with pytest.raises(ShardFormatError, match="manifest missing"):
+        Trainer(load_config(None, [*tiny_overrides(tmp_path), f'data.source=["{tmp_path / "nowhere"}"]']))
+    with pytest.raises(ConfigError, match="holds 13 classes, model.num_classes is 12"):
+        Trainer(load_config(None, [*tiny_overrides(tmp_path), "model.num_classes=12"]))
+    no_s2 = f'data.source=["{tiny_shards["south-no-s2"]}"]'
+    with pytest.raises(ConfigError, match="has no Sentinel-2"):
+        Trainer(load_config(None, [*tiny_overrides(tmp_path), no_s2]))
+    unlabelled = f'data.target_test=["{tiny_shards["north"]}"]'
+    with pytest.raises(ConfigError, match="sharded without labels"):
+        Trainer(load_config(None, [*tiny_overrides(tmp_path), unlabelled]))
+
+
+def test_existing_run_needs_resume(tiny_overrides, tmp_path):
+    _train(tiny_overrides(tmp_path / "r"), stop_after=2)
+    with pytest.raises(ConfigError, match="pass --resume"):
+        _train(tiny_overrides(tmp_path / "r"))
+
+
+def test_cli_train_and_evaluate(tiny_overrides, tiny_shards, tmp_path, capsys):
+    args = ["-q", "train", "/dev/null"]
+    for assignment in tiny_overrides(tmp_path / "cli", optim={"max_iters": 3}):
+        args += ["--set", assignment]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "target test mIoU" in printed
+    scores = json.loads((tmp_path / "cli" / "scores.json").read_text())
+    checkpoint = str(tmp_path / "cli" / "checkpoint.pt")
+    assert (
+        main(["-q", "evaluate", "--checkpoint", checkpoint, "--shards", str(tiny_shards["north-test"])]) == 0
+    )
+    table = capsys.readouterr().out
+    assert f"{100 * scores['miou']:.2f}" in table and "building" in table
+    assert main(["-q", "train", "/dev/null", "--set", "model.arch=segnet"]) == 2
+    assert "model.arch: expected one of" in capsys.readouterr().err
