@@ -250,7 +250,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from damformer.config import ConfigError, _build
+    from damformer.config import ConfigError, build_section
     from damformer.data.classes import FLAIR_CLASSES
     from damformer.data.loader import ShardSet
     from damformer.engine.checkpoint import load_checkpoint
@@ -258,7 +258,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from damformer.models.factory import ModelConfig, build_model
 
     state = load_checkpoint(args.checkpoint)
-    model_config = _build(ModelConfig, state["config"]["model"], "model")
+    model_config = build_section(ModelConfig, state["config"]["model"], "model")
     model = build_model(model_config)
     prefix = "student." if not args.teacher else "teacher.model."
     weights = {k.removeprefix(prefix): v for k, v in state["uda"].items() if k.startswith(prefix)}

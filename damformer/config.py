@@ -172,7 +172,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     return value
 
 
-def _build(cls: type, values: Any, prefix: str) -> Any:
+def build_section(cls: type, values: Any, prefix: str) -> Any:
+    """Build the dataclass ``cls`` from a YAML mapping, checking keys and types (``prefix`` names it)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix}: expected a mapping of keys, found {values!r}")
     hints = typing.get_type_hints(cls)
@@ -184,7 +185,7 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
     for name, value in values.items():
         annotation = hints[name]
         if dataclasses.is_dataclass(annotation):
-            kwargs[name] = _build(annotation, value, f"{prefix}.{name}" if prefix else name)
+            kwargs[name] = build_section(annotation, value, f"{prefix}.{name}" if prefix else name)
         else:
             kwargs[name] = _coerce(f"{prefix}.{name}" if prefix else name, value, annotation)
     try:
@@ -228,7 +229,7 @@ def load_config(path: Path | str | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"{path}: expected a mapping of sections, found {type(values).__name__}")
     for assignment in overrides:
         apply_override(values, assignment)
-    config = _build(RunConfig, values, "")
+    config = build_section(RunConfig, values, "")
     validate(config)
     return config
 
