@@ -37,4 +37,4 @@ done
 
 echo "== 7/7 results on the target (north) test split"
 damformer evaluate --checkpoint "$out/damformer/checkpoint.pt" --shards "$out/shards/north-test"
-python launch/demo_table.py "$out"
+python3 launch/demo_table.py "$out"
