@@ -62,6 +62,7 @@ class UDAConfig:
         ensemble_lr_weight: ensemble pseudo-labels: weight of the teacher's LR probabilities (0: HR only).
         rcs, rcs_temperature, rcs_min_pixels: rare class sampling of the source (None: scaled 3000).
         feature_distance, fd_lambda, fd_classes: ImageNet feature distance (needs pretrained weights).
+        region_loss, region_weight: ``dice`` adds a soft Dice loss to the HR cross-entropy (off: ``none``).
         mic, mic_ratio, mic_block, mic_weight: masked image consistency on the target (off by default).
     """
 
@@ -80,6 +81,8 @@ class UDAConfig:
     feature_distance: bool = False
     fd_lambda: float = 0.005
     fd_classes: list[int] = field(default_factory=lambda: [0])
+    region_loss: str = "none"
+    region_weight: float = 1.0
     mic: bool = False
     mic_ratio: float = 0.7
     mic_block: int = 32
@@ -244,6 +247,8 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(
             f"uda.pseudo_threshold: expected a value in (0, 1), found {config.uda.pseudo_threshold}"
         )
+    if config.uda.region_loss not in ("none", "dice"):
+        raise ConfigError(f"uda.region_loss: expected none or dice, found {config.uda.region_loss!r}")
     if not 0 <= config.uda.ensemble_lr_weight <= 1:
         raise ConfigError(f"uda.ensemble_lr_weight: expected 0..1, found {config.uda.ensemble_lr_weight}")
     for key in ("max_iters", "grad_accum"):

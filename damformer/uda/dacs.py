@@ -44,6 +44,28 @@ def weighted_cross_entropy(
     return loss.mean()
 
 
+def dice_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Soft Dice loss, 1 - mean_c 2 |P_c Y_c| / (|P_c| + |Y_c|), over the classes in the labels.
+
+    Pixels with the ignore index or zero weight are excluded.
+    """
+    probs = torch.softmax(logits.float(), dim=1)
+    valid = (labels != IGNORE_INDEX).float()
+    if weight is not None:
+        valid = valid * weight
+    onehot = (
+        F.one_hot(labels.long().clamp_max(logits.shape[1] - 1), logits.shape[1]).permute(0, 3, 1, 2).float()
+    )
+    pixel = valid[:, None]
+    intersection = (probs * onehot * pixel).sum(dim=(0, 2, 3))
+    truth = (onehot * pixel).sum(dim=(0, 2, 3))
+    sizes = (probs * pixel).sum(dim=(0, 2, 3)) + truth
+    present = truth > 0  # soft predictions give every class some mass: average over the labelled ones
+    if not present.any():
+        return logits.sum() * 0.0
+    return 1.0 - (2.0 * intersection[present] / sizes[present]).mean()
+
+
 def model_inputs(batch: Batch) -> tuple[torch.Tensor, ...]:
     """The positional inputs of a DAMFormer from a batch (Sentinel-2 fields when present)."""
     if "s2" in batch:
@@ -83,6 +105,8 @@ class SelfTraining(nn.Module):
     ) -> torch.Tensor:
         """Mixed loss: HR cross-entropy, plus the LR branch's when the model has one."""
         loss = self.config.hr_weight * weighted_cross_entropy(out["hr"], labels, weight)
+        if self.config.region_loss == "dice":
+            loss = loss + self.config.region_weight * dice_loss(out["hr"], labels, weight)
         if out.get("lr") is not None and self.config.lr_weight > 0:
             loss = loss + self.config.lr_weight * weighted_cross_entropy(out["lr"], labels, weight)
         return loss

@@ -79,11 +79,11 @@ def test_source_only_baseline(tiny_overrides, tmp_path):
     assert set(result.history[0]) == {"loss_source", "lr", "iteration"}
 
 
-def test_feature_distance_and_aerial_only_model(tiny_overrides, tmp_path):
+def test_feature_distance_region_loss_and_aerial_only_model(tiny_overrides, tmp_path):
     overrides = tiny_overrides(
         tmp_path / "fd",
         model={"temporal": False},
-        uda={"feature_distance": True, "fd_classes": list(range(13))},
+        uda={"feature_distance": True, "fd_classes": list(range(13)), "region_loss": "dice"},
     )
     _, result = _train(overrides)
     assert result.history[0]["loss_feature_distance"] >= 0

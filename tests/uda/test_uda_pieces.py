@@ -172,3 +172,19 @@ def test_miou_accumulates_over_the_set_and_ignores_absent_classes():
     assert result.accuracy == pytest.approx(3 / 5)
     with pytest.raises(ValueError, match="labels: expected 0..3"):
         matrix.update(torch.tensor([[0]]), torch.tensor([[7]]))
+
+
+def test_dice_loss_values():
+    from damformer.uda.dacs import dice_loss
+
+    labels = torch.tensor([[[0, 1], [1, 255]]])
+    perfect = torch.nn.functional.one_hot(labels.clamp_max(2), 3).permute(0, 3, 1, 2).float() * 100
+    assert dice_loss(perfect, labels).item() == pytest.approx(0.0, abs=1e-6)
+    uniform = torch.zeros(1, 3, 2, 2)
+    # 3 valid pixels, p = 1/3 each; labelled classes 0 and 1: 2*(1/3) / (1 + 1) and 2*(2/3) / (1 + 2)
+    expected = 1 - (2 * (1 / 3) / 2 + 2 * (2 / 3) / 3) / 2
+    assert dice_loss(uniform, labels).item() == pytest.approx(expected)
+    # zero-weight pixels do not count: only the first pixel (class 0) is left
+    weight = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    only = 1 - 2 * (1 / 3) / (1 / 3 + 1)
+    assert dice_loss(uniform, labels, weight).item() == pytest.approx(only)
