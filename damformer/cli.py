@@ -248,12 +248,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    import torch
 
     from damformer.config import ConfigError, build_section
     from damformer.data.classes import FLAIR_CLASSES
     from damformer.data.loader import ShardSet
     from damformer.engine.checkpoint import load_checkpoint
+    from damformer.engine.train import resolve_device
     from damformer.eval.evaluate import evaluate
     from damformer.models.factory import ModelConfig, build_model
 
@@ -265,9 +265,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if not weights:
         raise ConfigError(f"{args.checkpoint}: no {'teacher' if args.teacher else 'student'} weights in it")
     model.load_state_dict(weights)
-    device = torch.device(
-        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    device = resolve_device(args.device)
     model.to(device)
     shard_set = ShardSet(args.shards, domains=args.domains)
     result = evaluate(

@@ -7,6 +7,7 @@ from torch import nn
 
 from damformer.data.loader import LoaderOptions, ShardLoader, ShardSet
 from damformer.eval.metrics import ConfusionMatrix, SegmentationScores, scores
+from damformer.models.damformer import model_inputs
 from damformer.progress import progress
 
 
@@ -38,10 +39,7 @@ def evaluate(
         if "label" not in batch:
             raise ValueError("evaluation needs labelled shards (these were sharded with --no-labels)")
         batch = to_device(batch, device)
-        inputs = [batch["aerial"]]
-        if "s2" in batch:
-            inputs += [batch["s2"], batch["s2_mask"], batch["s2_day_offsets"]]
-        logits = model(*inputs)["hr"]
+        logits = model(*model_inputs(batch))["hr"]
         matrix.update(logits.argmax(dim=1), batch["label"])
     model.train(was_training)
     return scores(matrix.matrix)

@@ -106,6 +106,13 @@ class DAMFormer(nn.Module):
         return {"hr": hr_logits, "lr": lr_logits, "features": features}
 
 
+def model_inputs(batch: dict) -> tuple[torch.Tensor, ...]:
+    """The positional inputs of a :class:`DAMFormer` from a loader batch (S2 fields when present)."""
+    if "s2" in batch:
+        return batch["aerial"], batch["s2"], batch["s2_mask"], batch["s2_day_offsets"]
+    return (batch["aerial"],)
+
+
 def _resize(logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
     if logits.shape[-2:] == size:
         return logits

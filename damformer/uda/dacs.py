@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from damformer.models.damformer import AERIAL_MEAN
+from damformer.models.damformer import AERIAL_MEAN, model_inputs
 from damformer.uda.mixing import IGNORE_INDEX, StrongAugment, classmix_masks, mix
 from damformer.uda.teacher import EMATeacher, ensemble_probabilities, pseudo_labels
 
@@ -64,13 +64,6 @@ def dice_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor |
     if not present.any():
         return logits.sum() * 0.0
     return 1.0 - (2.0 * intersection[present] / sizes[present]).mean()
-
-
-def model_inputs(batch: Batch) -> tuple[torch.Tensor, ...]:
-    """The positional inputs of a DAMFormer from a batch (Sentinel-2 fields when present)."""
-    if "s2" in batch:
-        return batch["aerial"], batch["s2"], batch["s2_mask"], batch["s2_day_offsets"]
-    return (batch["aerial"],)
 
 
 class SelfTraining(nn.Module):
@@ -163,13 +156,13 @@ class SelfTraining(nn.Module):
 
         source_labels = source["label"].long()
         if self.config.classmix:
-            masks = classmix_masks(source_labels.cpu(), self.generator).to(source_labels.device)
+            masks = classmix_masks(source_labels, self.generator)
         else:
             masks = torch.zeros_like(source_labels, dtype=torch.bool)
         mixed = dict(target)
         mixed_aerial = mix(masks, source["aerial"].float(), target["aerial"].float())
         if self.augment is not None:
-            mixed_aerial = self.augment(mixed_aerial.cpu(), self.generator).to(mixed_aerial.device)
+            mixed_aerial = self.augment(mixed_aerial, self.generator)
         mixed["aerial"] = mixed_aerial
         mixed_labels = mix(masks, source_labels, labels)
         mixed_weight = mix(masks, torch.ones_like(weight), weight)
