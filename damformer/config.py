@@ -57,6 +57,8 @@ class UDAConfig:
     Attributes:
         ema_alpha: the teacher's largest EMA factor.
         pseudo_threshold, pseudo_weight: confidence threshold; weight per ``batch``, ``image`` or ``pixel``.
+        teacher_norm: the teacher's BatchNorm statistics: ``batch`` (those of the target batch it labels,
+            DAFormer) or ``running`` (the student's running averages).
         classmix, strong_augment: ClassMix per image; colour jitter + blur of the mixed images.
         hr_weight, lr_weight: mixed loss: weights of the HR and LR cross-entropies (LR needs +T).
         ensemble_lr_weight: ensemble pseudo-labels: weight of the teacher's LR probabilities (0: HR only).
@@ -64,12 +66,16 @@ class UDAConfig:
         feature_distance, fd_lambda, fd_classes: ImageNet feature distance (needs pretrained weights).
         region_loss, region_weight: ``dice`` adds a soft Dice loss to the HR cross-entropy (off: ``none``).
         mic, mic_ratio, mic_block, mic_weight: masked image consistency on the target (off by default).
+        source_warmup: iterations of source-only training before self-training starts (0, DAFormer's
+            choice from ImageNet weights). Short runs from scratch need it: a teacher that has not
+            learnt the source yet labels the target wrongly, and self-training then confirms its errors.
     """
 
     enabled: bool = True
     ema_alpha: float = 0.999
     pseudo_threshold: float = 0.968
     pseudo_weight: str = "batch"
+    teacher_norm: str = "batch"
     classmix: bool = True
     strong_augment: bool = True
     hr_weight: float = 1.0
@@ -87,6 +93,7 @@ class UDAConfig:
     mic_ratio: float = 0.7
     mic_block: int = 32
     mic_weight: float = 1.0
+    source_warmup: int = 0
 
 
 @dataclass
@@ -113,7 +120,7 @@ class EvalConfig:
 
 @dataclass
 class LogConfig:
-    """Console/JSON logging and checkpoint cadence."""
+    """Console/JSON logging and checkpoint cadence, in iterations (0: only at the end of the run)."""
 
     interval: int = 50
     checkpoint_interval: int = 1000
@@ -249,8 +256,19 @@ def validate(config: RunConfig) -> None:
         )
     if config.uda.region_loss not in ("none", "dice"):
         raise ConfigError(f"uda.region_loss: expected none or dice, found {config.uda.region_loss!r}")
+    if config.uda.teacher_norm not in ("batch", "running"):
+        raise ConfigError(f"uda.teacher_norm: expected batch or running, found {config.uda.teacher_norm!r}")
     if not 0 <= config.uda.ensemble_lr_weight <= 1:
         raise ConfigError(f"uda.ensemble_lr_weight: expected 0..1, found {config.uda.ensemble_lr_weight}")
+    for section, key in (("log", "interval"), ("log", "checkpoint_interval"), ("eval", "interval")):
+        value = getattr(getattr(config, section), key)
+        if value < 0:
+            raise ConfigError(f"{section}.{key}: expected >= 0 (0: only at the end), found {value}")
+    if not 0 <= config.uda.source_warmup < max(config.optim.max_iters, 1):
+        raise ConfigError(
+            f"uda.source_warmup: expected 0 <= warmup < optim.max_iters ({config.optim.max_iters}), "
+            f"found {config.uda.source_warmup}"
+        )
     for key in ("max_iters", "grad_accum"):
         if getattr(config.optim, key) < 1:
             raise ConfigError(f"optim.{key}: expected >= 1, found {getattr(config.optim, key)}")

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from damformer.data.augment import GeometricAugment, training_sample
 from damformer.data.collate import collate_samples
 from damformer.data.domains import select_domains
+from damformer.data.flair2 import Flair2Sample
 from damformer.data.manifest import load_manifest
 from damformer.data.shard_format import ShardFormatError, decode_sample
 from damformer.data.shard_io import Encoded, iter_tar_samples
@@ -97,6 +98,13 @@ class ShardSet:
     def num_samples(self) -> int:
         """Number of samples over all selected shards."""
         return sum(len(s.keys) for s in self.shards)
+
+    def first_sample(self) -> Flair2Sample:
+        """Decode the first sample of the first shard (shapes and georeferencing, before training)."""
+        shard = self.shards[0]
+        for key, files in iter_tar_samples(shard.path, shard=shard.path.name):
+            return decode_sample(files, key=key, shard=shard.path.name, masks=False)
+        raise ShardFormatError(f"{shard.path}: holds no sample")
 
 
 def plan_epoch(shards: Sequence[ShardInfo], *, epoch: int, seed: int, num_readers: int) -> list[list[Unit]]:

@@ -8,9 +8,12 @@ than ``min_pixels`` pixels of ``c``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 # DAFormer's 3000 pixels, at 512 x 512: scale with the patch area.
 REFERENCE_MIN_PIXELS = 3000
@@ -63,6 +66,30 @@ class RareClassSampler:
         )
         self.probabilities = class_probabilities(totals, temperature=temperature)
         self.seed = seed
+        self._warn_if_concentrated(temperature)
+
+    def sample_shares(self) -> np.ndarray:
+        """Expected share of the draws that falls on each sample (in ``keys`` order)."""
+        shares = np.zeros(len(self.keys))
+        for cls, candidates in self.candidates.items():
+            if len(candidates) and self.probabilities[cls] > 0:
+                shares[candidates] += self.probabilities[cls] / len(candidates)
+        return shares
+
+    def _warn_if_concentrated(self, temperature: float) -> None:
+        # On a small source set a low temperature sends nearly every draw to the few samples holding
+        # the rarest classes: the common classes are then hardly trained at all.
+        shares = np.sort(self.sample_shares())[::-1]
+        few = max(1, len(shares) // 5)
+        if len(shares) >= 5 and shares[:few].sum() > 0.8:
+            log.warning(
+                "rare class sampling: %.0f%% of the draws fall on %d of %d source samples "
+                "(uda.rcs_temperature %g); raise the temperature or set uda.rcs=false on so small a set",
+                100 * shares[:few].sum(),
+                few,
+                len(shares),
+                temperature,
+            )
 
     def draw(self, index: int) -> tuple[str, int]:
         """The ``index``-th draw: (sample key, the class it was drawn for)."""

@@ -39,6 +39,14 @@ from damformer.uda.dacs import SelfTraining
 log = logging.getLogger(__name__)
 
 
+S2_PIXEL_M = 10.0
+
+
+def _due(iteration: int, interval: int) -> bool:
+    """Whether a periodic action with this interval falls on ``iteration`` (interval 0: never)."""
+    return interval > 0 and iteration % interval == 0
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU."""
     if name == "auto":
@@ -70,7 +78,25 @@ def open_shard_sets(config: RunConfig) -> tuple[ShardSet, ShardSet | None, Shard
                 raise ConfigError(
                     f"data.{role}: {folder} has no Sentinel-2 (--no-s2) but the model is +T (model.temporal)"
                 )
+    if model.temporal:
+        _check_footprint(model.footprint, source)
     return source, target, test
+
+
+def _check_footprint(footprint: float, shard_set: ShardSet) -> None:
+    """The model crops its LR logits to the aerial footprint: the fraction must match the data."""
+    sample = shard_set.first_sample()
+    if sample.s2 is None:
+        return
+    aerial_m = sample.aerial.shape[-1] * abs(sample.transform.a)
+    crop = sample.s2.shape[-1]
+    expected = aerial_m / (crop * S2_PIXEL_M)
+    if abs(footprint - expected) > 0.02 * expected:
+        raise ConfigError(
+            f"model.footprint: {footprint:g}, but the shards' aerial patches ({sample.aerial.shape[-1]} px, "
+            f"{aerial_m:g} m) cover {expected:.4g} of their {crop}-pixel Sentinel-2 crop "
+            f"({crop * S2_PIXEL_M:g} m): set model.footprint={expected:.4g}"
+        )
 
 
 @dataclass
@@ -187,7 +213,9 @@ class Trainer:
         totals: dict[str, float] = {}
         for _ in range(optim.grad_accum):
             source = to_device(self.source.next(), self.device)
-            target = to_device(self.target.next(), self.device) if self.target is not None else None
+            target = None
+            if self.target is not None and self.iteration >= self.config.uda.source_warmup:
+                target = to_device(self.target.next(), self.device)
             metrics = self.uda.forward_backward(source, target, scale=1.0 / optim.grad_accum)
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value / optim.grad_accum
@@ -249,13 +277,13 @@ class Trainer:
             metrics = self.step()
             self.history.append(metrics)
             done = self.iteration
-            if done % config.log.interval == 0 or done == end:
+            if _due(done, config.log.interval) or done == end:
                 rate = (done - first) / max(time.perf_counter() - started, 1e-9)
                 shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("iteration",))
                 log.info("it %d/%d %s (%.2f it/s)", done, config.optim.max_iters, shown, rate)
-            if config.eval.interval and done % config.eval.interval == 0 and done < config.optim.max_iters:
+            if _due(done, config.eval.interval) and done < config.optim.max_iters:
                 self.evaluate()
-            if done % config.log.checkpoint_interval == 0 or done == end:
+            if _due(done, config.log.checkpoint_interval) or done == end:
                 self.save()
         scores = None
         if self.iteration >= config.optim.max_iters:

@@ -20,8 +20,11 @@ from damformer.models.fusion import DeepTemporalFusion, footprint_crop
 from damformer.models.utae import UTAE
 
 # Per aerial band (R, G, B, NIR, elevation): x -> (x - mean) / std.
-AERIAL_MEAN = (123.675, 116.28, 103.53, 0.0, 0.0)  # ImageNet RGB on the 0..255 scale
-AERIAL_STD = (58.395, 57.12, 57.375, 255.0, 3164.91)  # NIR / 255, elevation / 3164.91 as released
+# RGB: ImageNet mean/std (what pretrained MiT weights expect), on the 0..255 scale. NIR and elevation:
+# FLAIR-2's train statistics (flair2-format.md). The released code divides elevation by 3164.91, the
+# maximum *altitude* of the metadata, which squeezes the band to ~0.005 and hides it from the network.
+AERIAL_MEAN = (123.675, 116.28, 103.53, 102.36, 16.70)
+AERIAL_STD = (58.395, 57.12, 57.375, 27.09, 15.85)
 S2_SCALE = 10000.0  # reflectance x 10000 -> reflectance, after clipping negatives to 0
 
 BAND_SETS = {"rgb": (0, 1, 2), "rgbne": (0, 1, 2, 3, 4)}

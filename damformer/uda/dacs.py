@@ -81,7 +81,9 @@ class SelfTraining(nn.Module):
         super().__init__()
         self.config = config
         self.student = student
-        self.teacher = EMATeacher(student, alpha=config.ema_alpha) if config.enabled else None
+        self.teacher = None
+        if config.enabled:
+            self.teacher = EMATeacher(student, alpha=config.ema_alpha, norm=config.teacher_norm)
         self.augment = StrongAugment() if config.strong_augment else None
         self.imagenet = None
         if config.enabled and config.feature_distance:

@@ -1,8 +1,11 @@
 """The EMA teacher and its pseudo-labels (method.md sections 4-5).
 
 The teacher starts as a copy of the student and follows it by an exponential moving average whose
-rate ramps up: ``alpha_t = min(1 - 1 / (t + 1), alpha)``. It always runs in eval mode (no dropout, no
-drop-path, BatchNorm with running statistics), and is part of every checkpoint.
+rate ramps up: ``alpha_t = min(1 - 1 / (t + 1), alpha)``. Dropout and drop-path are always off. Its
+BatchNorm layers normalise with the statistics of the batch they label (``norm="batch"``, DAFormer's
+teacher: the un-augmented target batch, an AdaBN-like correction of radiometric shift) and keep their
+own running statistics of it, or use the student's running statistics (``norm="running"``). It is part
+of every checkpoint.
 """
 
 from __future__ import annotations
@@ -14,29 +17,38 @@ import torch
 from torch import nn
 
 PseudoWeightMode = Literal["batch", "image", "pixel"]
+TeacherNorm = Literal["batch", "running"]
 
 
 class EMATeacher(nn.Module):
-    """A frozen, eval-mode copy of the student updated by exponential moving average.
+    """A frozen copy of the student updated by exponential moving average.
 
     Args:
         student: the network being trained (copied once here).
         alpha: the largest averaging factor (0.999).
+        norm: BatchNorm statistics of the teacher's forward: ``batch`` (DAFormer) or ``running``.
     """
 
-    def __init__(self, student: nn.Module, *, alpha: float = 0.999) -> None:
+    def __init__(self, student: nn.Module, *, alpha: float = 0.999, norm: TeacherNorm = "batch") -> None:
         super().__init__()
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"uda.ema_alpha: expected 0 <= alpha < 1, found {alpha}")
+        if norm not in ("batch", "running"):
+            raise ValueError(f"uda.teacher_norm: expected batch or running, found {norm!r}")
         self.alpha = alpha
+        self.norm = norm
         self.model = copy.deepcopy(student)
         self.model.requires_grad_(False)
-        self.model.eval()
+        self.train(True)
 
     def train(self, mode: bool = True) -> EMATeacher:
-        """The teacher stays in eval mode whatever its parent does."""
+        """Dropout and drop-path stay off; BatchNorm follows ``norm`` while training, eval otherwise."""
         super().train(mode)
         self.model.eval()
+        if mode and self.norm == "batch":
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.train()
         return self
 
     def rate(self, iteration: int) -> float:
@@ -47,15 +59,16 @@ class EMATeacher(nn.Module):
     def update(self, student: nn.Module, iteration: int) -> None:
         """Set teacher = a * teacher + (1 - a) * student, for parameters.
 
-        Buffers (BatchNorm statistics) are copied from the student: its running averages are already
-        smoothed.
+        With ``norm="running"`` the buffers (BatchNorm statistics) are copied from the student: its
+        running averages are already smoothed. With ``norm="batch"`` the teacher keeps its own.
         """
         rate = self.rate(iteration)
         student = getattr(student, "module", student)  # DDP / DeepSpeed wrappers
         for mine, theirs in zip(self.model.parameters(), student.parameters(), strict=True):
             mine.mul_(rate).add_(theirs.detach(), alpha=1.0 - rate)
-        for mine, theirs in zip(self.model.buffers(), student.buffers(), strict=True):
-            mine.copy_(theirs)
+        if self.norm == "running":
+            for mine, theirs in zip(self.model.buffers(), student.buffers(), strict=True):
+                mine.copy_(theirs)
 
     def forward(self, *args: torch.Tensor) -> dict:  # noqa: D102
         return self.model(*args)

@@ -53,6 +53,7 @@ def _overrides(shards: dict[str, Path], output: Path, **sections) -> list[str]:
         "model.backbone": "mit_b0",
         "model.arch": "damformer",
         "model.band_init": "inflate",
+        "model.footprint": 0.032,  # 64 px x 0.2 m aerial patches in 40 x 10 m Sentinel-2 crops
         "uda.pseudo_threshold": 0.5,
         "uda.mic": True,
         "optim.lr": 0.0006,

@@ -110,6 +110,27 @@ def test_bad_configs_fail_before_any_compute(tiny_overrides, tiny_shards, tmp_pa
         Trainer(load_config(None, [*tiny_overrides(tmp_path), unlabelled]))
 
 
+def test_footprint_must_match_the_shards(tiny_overrides, tmp_path):
+    expected = r"cover 0.032 of their 40-pixel Sentinel-2 crop .*set model.footprint=0.032"
+    with pytest.raises(ConfigError, match=expected):
+        Trainer(load_config(None, [*tiny_overrides(tmp_path), "model.footprint=0.256"]))
+
+
+def test_zero_intervals_and_source_warmup(tiny_overrides, tmp_path):
+    sections = {"log": {"interval": 0, "checkpoint_interval": 0}, "eval": {"interval": 0}}
+    _, result = _train(tiny_overrides(tmp_path / "w", uda={"source_warmup": 3}, **sections))
+    assert ["loss_mixed" in h for h in result.history] == [False] * 3 + [True] * 3
+    assert load_checkpoint(tmp_path / "w" / "checkpoint.pt")["iteration"] == 6  # written at the end
+    assert result.scores is not None
+    for bad, message in (
+        ("log.checkpoint_interval=-1", "log.checkpoint_interval: expected >= 0"),
+        ("uda.source_warmup=6", r"uda.source_warmup: expected 0 <= warmup < optim.max_iters \(6\)"),
+        ("uda.teacher_norm=group", "uda.teacher_norm: expected batch or running"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [*tiny_overrides(tmp_path), bad])
+
+
 def test_existing_run_needs_resume(tiny_overrides, tmp_path):
     _train(tiny_overrides(tmp_path / "r"), stop_after=2)
     with pytest.raises(ConfigError, match="pass --resume"):

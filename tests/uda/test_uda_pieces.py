@@ -29,7 +29,7 @@ def test_ema_rate_ramps_up_then_caps():
 
 def test_ema_update_arithmetic():
     student = _scalar_model(1.0)
-    teacher = EMATeacher(student, alpha=0.9)
+    teacher = EMATeacher(student, alpha=0.9, norm="running")
     with torch.no_grad():
         student[0].weight.fill_(3.0)
         student[1].running_mean.fill_(7.0)
@@ -45,11 +45,39 @@ def test_ema_update_arithmetic():
     assert not teacher.model[0].weight.requires_grad
 
 
-def test_teacher_stays_in_eval_mode():
+def test_teacher_dropout_stays_off():
+    for norm in ("batch", "running"):
+        parent = nn.Module()
+        parent.teacher = EMATeacher(nn.Sequential(nn.Dropout(0.5)), norm=norm)
+        parent.train()
+        assert not parent.teacher.model[0].training
+        x = torch.ones(4, 3)
+        assert torch.equal(parent.teacher(x), x)
+
+
+def test_teacher_batch_norm_uses_the_labelled_batch_statistics():
+    student = _scalar_model(1.0)
+    x = torch.tensor([[1.0], [2.0], [3.0], [6.0]])  # mean 3, biased variance 3.5
     parent = nn.Module()
-    parent.teacher = EMATeacher(nn.Sequential(nn.Dropout(0.5)))
+    parent.teacher = EMATeacher(student, alpha=0.9, norm="batch")
     parent.train()
-    assert not parent.teacher.model.training
+    out = parent.teacher(x)
+    expected = (x - 3.0) / math.sqrt(3.5 + 1e-5)
+    torch.testing.assert_close(out, expected)
+    # its own running statistics follow the batches it saw (momentum 0.1), not the student's
+    assert parent.teacher.model[1].running_mean.item() == pytest.approx(0.3)
+    with torch.no_grad():
+        student[1].running_mean.fill_(7.0)
+    parent.teacher.update(student, iteration=5)
+    assert parent.teacher.model[1].running_mean.item() == pytest.approx(0.3)
+    parent.eval()  # evaluating the teacher: running statistics
+    torch.testing.assert_close(parent.teacher(x), (x - 0.3) / math.sqrt(0.9 + 0.1 * 3.5 * 4 / 3 + 1e-5))
+    running = EMATeacher(student, norm="running")
+    parent.running = running
+    parent.train()
+    torch.testing.assert_close(running(x), (x - 7.0) / math.sqrt(1.0 + 1e-5))
+    with pytest.raises(ValueError, match="uda.teacher_norm"):
+        EMATeacher(student, norm="group")
 
 
 def test_ensemble_weighting():
@@ -136,6 +164,19 @@ def test_rcs_draws_samples_holding_the_class():
     assert counts[2] > counts[0]  # rarer class drawn more often
     assert draws == [sampler.draw(i) for i in range(300)]  # seeded
     assert RareClassSampler({"a": [262144 - 10, 10]}).min_pixels == 3000  # DAFormer's value at 512 x 512
+
+
+def test_rcs_warns_when_draws_concentrate_on_few_samples(caplog):
+    common = {f"s{i}": [1000, 0] for i in range(9)}
+    with caplog.at_level("WARNING", logger="damformer.data.rcs"):
+        sampler = RareClassSampler({**common, "rare": [900, 100]}, temperature=0.01, min_pixels=20)
+    assert sampler.sample_shares()[sampler.keys.index("rare")] > 0.99
+    assert sampler.sample_shares().sum() == pytest.approx(1.0)
+    assert "fall on 2 of 10 source samples" in caplog.text and "uda.rcs=false" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="damformer.data.rcs"):
+        RareClassSampler({f"s{i}": [500, 500] for i in range(10)}, temperature=0.01, min_pixels=20)
+    assert caplog.text == ""
 
 
 def test_warmup_and_poly_schedule_values():
