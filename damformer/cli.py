@@ -231,19 +231,34 @@ def _add_shard_parsers(commands: argparse._SubParsersAction) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from damformer.config import load_config
-    from damformer.engine.train import Trainer
+    from damformer.engine.distributed import init_distributed, teardown
+    from damformer.engine.train import Trainer, resolve_device
 
     config = load_config(args.config, args.set)
     if args.output_dir is not None:
         config.run.output_dir = str(args.output_dir)
-    trainer = Trainer(config)
-    print(
-        f"training {config.model.name} ({'UDA' if config.uda.enabled else 'source only'}) for "
-        f"{config.optim.max_iters} iterations on {trainer.device}; output: {config.run.output_dir}"
-    )
-    result = trainer.run(resume=args.resume)
-    if result.scores is not None:
-        print(f"target test mIoU {100 * result.scores.miou:.2f}  accuracy {100 * result.scores.accuracy:.2f}")
+    dist = init_distributed(resolve_device(config.run.device))
+    if not dist.is_main:  # one voice per job: other ranks only warn
+        logging.getLogger("damformer").setLevel(logging.WARNING)
+    try:
+        trainer = Trainer(config, dist)
+        if dist.is_main:
+            ranks = f" x {dist.world_size} ranks" if dist.enabled else ""
+            print(
+                f"training {config.model.name} ({'UDA' if config.uda.enabled else 'source only'}) for "
+                f"{config.optim.max_iters} iterations on {trainer.device}{ranks}; "
+                f"output: {config.run.output_dir}"
+            )
+        result = trainer.run(resume=args.resume)
+        if result.scores is not None and dist.is_main:
+            print(
+                f"target test mIoU {100 * result.scores.miou:.2f}  "
+                f"accuracy {100 * result.scores.accuracy:.2f}"
+            )
+    except BaseException:
+        teardown(dist, wait=False)  # a failed rank must not wait for peers that may be gone
+        raise
+    teardown(dist)
     return 0
 
 

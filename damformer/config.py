@@ -128,11 +128,35 @@ class LogConfig:
 
 @dataclass
 class RunSettings:
-    """Where and how: output folder, seed, device (``auto``: CUDA when available)."""
+    """Where and how: output folder, seed, device (``auto``: CUDA when available) and precision.
+
+    Attributes:
+        precision: ``fp32``; ``bf16`` autocast (A100/H100, and CPU); ``fp16`` autocast with a dynamic
+            loss scale (GradScaler), the V100 path: V100 has no bf16. Overflowing fp16 steps are
+            skipped and counted (``overflow_steps`` in the history), not fatal.
+    """
 
     output_dir: str = "runs/train"
     seed: int = 0
     device: str = "auto"
+    precision: str = "fp32"
+
+
+@dataclass
+class DistConfig:
+    """Data parallelism, used when the run is launched on several processes (torchrun, srun).
+
+    Attributes:
+        engine: ``ddp`` (DistributedDataParallel around the student; the EMA teacher is updated
+            identically on every rank without communication).
+        sync_bn: convert the student's BatchNorm layers to SyncBatchNorm (CUDA only: batch statistics
+            over the global batch instead of each rank's).
+        find_unused_parameters: DDP's option, for models whose forward leaves parameters unused.
+    """
+
+    engine: str = "ddp"
+    sync_bn: bool = False
+    find_unused_parameters: bool = False
 
 
 @dataclass
@@ -146,6 +170,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     run: RunSettings = field(default_factory=RunSettings)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for YAML, checkpoints and tracking)."""
@@ -278,6 +303,10 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("data.source: expected at least one source shard set (damformer shard --out DIR)")
     if config.uda.enabled and not config.data.target:
         raise ConfigError("data.target: UDA needs a target shard set (or set uda.enabled=false)")
+    if config.run.precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"run.precision: expected fp32, bf16 or fp16, found {config.run.precision!r}")
+    if config.dist.engine != "ddp":
+        raise ConfigError(f"dist.engine: expected ddp, found {config.dist.engine!r}")
     if config.run.device not in ("auto", "cpu", "cuda") and not config.run.device.startswith("cuda:"):
         raise ConfigError(f"run.device: expected auto, cpu or cuda[:N], found {config.run.device!r}")
 

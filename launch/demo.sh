@@ -19,21 +19,33 @@ echo "== 3/7 north domains (UDA target), held-out test split"
 damformer read --root "$out/flair2" --split test --domains north
 
 echo "== 4/7 shards: source, target (labels dropped: UDA never sees them), target test"
-damformer shard --src "$out/flair2" --domains south --out "$out/shards/south" --max-samples 8 --overwrite
-damformer shard --src "$out/flair2" --domains north --no-labels --out "$out/shards/north" --max-samples 8 \
-    --overwrite
-damformer shard --src "$out/flair2" --domains north --split test --out "$out/shards/north-test" --overwrite
+# --sat-size 16: a 160 m Sentinel-2 crop around each 25.6 m patch (configs/demo/damformer.yaml: footprint 0.16)
+shard=(damformer shard --src "$out/flair2" --sat-size 16 --overwrite)
+"${shard[@]}" --domains south --out "$out/shards/south" --max-samples 8
+"${shard[@]}" --domains north --no-labels --out "$out/shards/north" --max-samples 8
+"${shard[@]}" --domains north --split test --out "$out/shards/north-test"
 
 echo "== 5/7 verify every shard (sizes, sha256, every sample decodes)"
 damformer shard verify "$out/shards/south" "$out/shards/north" "$out/shards/north-test"
 
 echo "== 6/7 train south -> north: source only, UDA, DAM-Former (configs/demo/*.yaml)"
-for run in source_only uda damformer; do
+# Two trainings at a time, one thread each (2 cores): DAM-Former (the longest) beside source only,
+# then beside UDA. Each run's progress and losses go to OUT/RUN.log.
+train() {
+    local run=$1
     rm -rf "${out:?}/$run"
-    damformer train "configs/demo/$run.yaml" --output-dir "$out/$run" \
+    echo "   $run: started (progress: $out/$run.log)"
+    OMP_NUM_THREADS=1 damformer train "configs/demo/$run.yaml" --output-dir "$out/$run" \
         --set "data.source=[$out/shards/south]" --set "data.target=[$out/shards/north]" \
-        --set "data.target_test=[$out/shards/north-test]"
-done
+        --set "data.target_test=[$out/shards/north-test]" >"$out/$run.log" 2>&1 ||
+        { echo "   $run: FAILED, last lines of $out/$run.log:"; tail -n 20 "$out/$run.log"; return 1; }
+    echo "   $run: $(tail -n 1 "$out/$run.log")"
+}
+train damformer &
+damformer_job=$!
+train source_only
+train uda
+wait "$damformer_job"
 
 echo "== 7/7 results on the target (north) test split"
 damformer evaluate --checkpoint "$out/damformer/checkpoint.pt" --shards "$out/shards/north-test"

@@ -72,6 +72,9 @@ class RareClassStream:
         temperature, min_pixels: RCS parameters.
         seed: draws and augmentations are functions of (seed, draw index).
         augment: random flips / rot90.
+        rank, world_size: data-parallel ranks split each global batch of ``batch_size x world_size``
+            draws: rank r takes draws ``r * batch_size ...`` of it, the same samples a single process
+            would take in its r-th gradient-accumulation micro-batch.
     """
 
     def __init__(
@@ -83,6 +86,8 @@ class RareClassStream:
         min_pixels: int | None = None,
         seed: int = 0,
         augment: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         keys = {key for shard in shard_set.shards for key in shard.keys}
         counts = {
@@ -95,18 +100,20 @@ class RareClassStream:
         self.index = ShardIndex(shard_set)
         self.batch_size, self.seed = batch_size, seed
         self.augment = GeometricAugment() if augment else None
-        self.draws = 0
+        self.rank, self.world_size = rank, world_size
+        self.draws = 0  # draws consumed by all ranks together
 
     def next(self) -> dict[str, Any]:
         """The next batch."""
         samples = []
-        for draw in range(self.draws, self.draws + self.batch_size):
+        first = self.draws + self.rank * self.batch_size
+        for draw in range(first, first + self.batch_size):
             key, _ = self.sampler.draw(draw)
             sample = self.index.sample(key)
             if self.augment is not None:
                 sample = self.augment(sample, np.random.default_rng([self.seed, draw, 43]))
             samples.append(sample)
-        self.draws += self.batch_size
+        self.draws += self.batch_size * self.world_size
         return collate_samples(samples)
 
     def state_dict(self) -> dict[str, Any]:  # noqa: D102

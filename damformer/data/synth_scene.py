@@ -24,7 +24,7 @@ CELL_M = 10.0  # Sentinel-2 pixel
 AERIAL_M = 0.2  # aerial pixel
 REGION_BLOCK_CELLS = 3.5  # one land-cover region seed per block of this many S2 cells (35 m)
 
-NOISE_SCALE = 2.2  # per-pixel noise multiplier: classes overlap pixel-wise, texture and context separate them
+NOISE_SCALE = 1.4  # per-pixel noise multiplier: classes overlap pixel-wise, texture and context separate them
 URBAN = 1  # region code 1 renders as urban fabric: roofs (1), streets (3), gardens (2), pools (13)
 
 # Region priors by raw FLAIR class value. "building" means urban fabric (see URBAN).
@@ -160,7 +160,7 @@ class RegionShift:
 
 REGION_SHIFTS: dict[str, RegionShift] = {
     "south": RegionShift((1.0, 1.0, 1.0, 1.0), (0.0, 0.0, 0.0, 0.0), 1.0, 0.0, 1.0),
-    "north": RegionShift((0.88, 0.94, 1.06, 0.86), (-4.0, 2.0, 12.0, 2.0), 0.92, 28.0, 0.92),
+    "north": RegionShift((0.80, 0.83, 0.88, 0.92), (12.0, 12.0, 16.0, 2.0), 0.97, 28.0, 0.92),
 }
 
 

@@ -1,14 +1,21 @@
-"""The training loop on one process: data streams, UDA step, optimiser, schedule, evaluation, checkpoints.
+"""The training loop: data streams, UDA step, optimiser, schedule, AMP, evaluation, checkpoints.
 
     damformer train configs/demo/damformer.yaml                # runs/... as set in the config
     damformer train configs/demo/damformer.yaml --resume       # continue from OUTPUT/checkpoint.pt
+    torchrun --nproc_per_node=4 -m damformer train CONFIG      # DDP, one process per GPU
 
-Every piece that must survive a restart is in the checkpoint: student, teacher, optimiser, iteration,
-RNG states and the data stream cursors, so a resumed run reproduces the uninterrupted one exactly.
+Every piece that must survive a restart is in the checkpoint: student, teacher, optimiser, loss scale,
+iteration, and per rank the RNG states and data stream cursors, so a resumed run reproduces the
+uninterrupted one exactly. Under DDP every rank runs the same step on its own share of the data
+(global batch = per-rank batch x world size x grad_accum); gradients are averaged by DDP, the EMA
+teacher is updated identically on every rank from identical student weights, metrics and confusion
+matrices are reduced over the ranks, and rank 0 logs and writes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -28,6 +35,13 @@ from damformer.engine.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+)
+from damformer.engine.distributed import (
+    DistContext,
+    barrier,
+    gather_objects,
+    mean_over_ranks,
+    sum_over_ranks,
 )
 from damformer.engine.optim import build_optimizer, lr_factor, set_learning_rate
 from damformer.eval.evaluate import evaluate, to_device
@@ -99,6 +113,20 @@ def _check_footprint(footprint: float, shard_set: ShardSet) -> None:
         )
 
 
+def _precision(name: str, device: torch.device) -> tuple[Any, torch.amp.GradScaler | None]:
+    """(autocast context factory, GradScaler or None) for ``run.precision``."""
+    if name == "fp32":
+        return contextlib.nullcontext, None
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(
+            f"run.precision: bf16 is not supported on {torch.cuda.get_device_name(device)} "
+            "(V100 and older): use run.precision=fp16"
+        )
+    dtype = torch.bfloat16 if name == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
+
+
 @dataclass
 class TrainResult:
     """What a run produced."""
@@ -110,20 +138,45 @@ class TrainResult:
 
 
 class Trainer:
-    """One training run (single process; the distributed engine wraps the same step).
+    """One training run, on one process or as one rank of a DDP job.
 
     Args:
         config: the validated run config.
+        dist: this process's place among the ranks (:func:`damformer.engine.distributed.init_distributed`);
+            None: a single process.
     """
 
-    def __init__(self, config: RunConfig) -> None:
+    def __init__(self, config: RunConfig, dist: DistContext | None = None) -> None:
         self.config = config
+        self.dist = dist or DistContext()
+        rank, world = self.dist.rank, self.dist.world_size
         self.output_dir = Path(config.run.output_dir)
         self.device = resolve_device(config.run.device)
+        if self.device.type == "cuda" and self.dist.enabled:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.autocast, self.scaler = _precision(config.run.precision, self.device)
+        if config.dist.sync_bn and self.dist.enabled and self.device.type != "cuda":
+            raise ConfigError("dist.sync_bn: SyncBatchNorm needs CUDA devices; set dist.sync_bn=false on CPU")
         self.source_set, self.target_set, self.test_set = open_shard_sets(config)
-        torch.manual_seed(config.run.seed)
-        self.model = build_model(config.model).to(self.device)
-        self.uda = SelfTraining(self.model, config.uda, seed=config.run.seed).to(self.device)
+        torch.manual_seed(config.run.seed)  # the same initial weights on every rank
+        model = build_model(config.model)
+        if config.dist.sync_bn and self.dist.enabled:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model.to(self.device)
+        if self.dist.enabled:
+            torch.manual_seed(config.run.seed + 1_000_003 * rank)  # dropout / drop-path differ per rank
+        self.uda = SelfTraining(self.model, config.uda, seed=config.run.seed + 7919 * rank).to(self.device)
+        self.uda.autocast = self.autocast
+        self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
+        if self.dist.enabled:
+            # MIC's loss reads only the HR output: a model with an LR head leaves it unused there.
+            unused = config.dist.find_unused_parameters or (config.uda.enabled and config.uda.mic)
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=unused,
+            )
+            self.uda.use_student_forward(self.ddp)
         optim = config.optim
         self.optimizer = build_optimizer(
             self.model, lr=optim.lr, weight_decay=optim.weight_decay, head_lr_mult=optim.head_lr_mult
@@ -137,6 +190,8 @@ class Trainer:
                 min_pixels=config.uda.rcs_min_pixels,
                 seed=seed,
                 augment=data.augment,
+                rank=rank,
+                world_size=world,
             )
         else:
             self.source = endless_loader(
@@ -146,6 +201,8 @@ class Trainer:
                 shuffle_buffer=data.shuffle_buffer,
                 augment=data.augment,
                 num_workers=data.num_workers,
+                rank=rank,
+                world_size=world,
             )
         self.target = None
         if self.target_set is not None:
@@ -156,50 +213,92 @@ class Trainer:
                 shuffle_buffer=data.shuffle_buffer,
                 augment=data.augment,
                 num_workers=data.num_workers,
+                rank=rank,
+                world_size=world,
             )
         self.iteration = 0
+        self.overflow_steps = 0
         self.history: list[dict[str, float]] = []
         self.evaluations: list[dict[str, Any]] = []
 
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimiser step over all ranks: batch x world size x grad_accum."""
+        return self.config.data.batch_size * self.dist.world_size * self.config.optim.grad_accum
+
     # -- state -----------------------------------------------------------------------------------
 
+    def _rank_state(self) -> dict[str, Any]:
+        """What differs between ranks: RNG states and data stream cursors."""
+        return {
+            "rng": rng_state(self.uda.generator),
+            "source_stream": self.source.state_dict(),
+            "target_stream": self.target.state_dict() if self.target is not None else None,
+        }
+
+    def _student_digests(self) -> list[str]:
+        """SHA-256 of the student's parameters on every rank: DDP keeps them equal, and we check it."""
+        digest = hashlib.sha256()
+        for tensor in self.model.parameters():  # not buffers: each rank's BatchNorm statistics differ
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        digests = gather_objects(self.dist, digest.hexdigest())
+        if len(set(digests)) > 1:
+            log.error("iteration %d: the student differs between ranks (digests %s)", self.iteration, digests)
+        return digests
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs."""
+        """Everything a resumed run needs (collective under DDP: every rank must call it)."""
         return {
             "iteration": self.iteration,
             "config": self.config.to_dict(),
             "model_name": self.config.model.name,
-            "uda": self.uda.state_dict(),  # student, teacher, frozen encoder
+            "uda": self.uda.state_dict(),  # student, teacher, frozen encoder (rank 0's teacher BN stats)
             "optimizer": self.optimizer.state_dict(),
-            "rng": rng_state(self.uda.generator),
-            "source_stream": self.source.state_dict(),
-            "target_stream": self.target.state_dict() if self.target is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "overflow_steps": self.overflow_steps,
+            "world_size": self.dist.world_size,
+            "ranks": gather_objects(self.dist, self._rank_state()),
+            "student_digests": self._student_digests(),
             "history": self.history,
             "evaluations": self.evaluations,
         }
 
     def load_state_dict(self, state: dict[str, Any], *, where: Path) -> None:
-        """Restore :meth:`state_dict`; refuses a checkpoint of another model."""
+        """Restore :meth:`state_dict`; refuses a checkpoint of another model or world size."""
         if state["config"]["model"] != self.config.to_dict()["model"]:
             raise ConfigError(
                 f"{where}: made for model {state['model_name']!r} with other settings; "
                 f"this config builds {self.config.model.name!r}"
             )
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.dist.world_size:
+            raise ConfigError(
+                f"{where}: written by a run on {saved_world} process(es), resumed on "
+                f"{self.dist.world_size}: the data streams and RNG states are per rank, so resume with "
+                f"{saved_world} processes (nodes x --nproc_per_node), or start a new run.output_dir"
+            )
         self.uda.load_state_dict(state["uda"])
         self.optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"], self.uda.generator)
-        self.source.load_state_dict(state["source_stream"])
-        if self.target is not None and state["target_stream"] is not None:
-            self.target.load_state_dict(state["target_stream"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        mine = state["ranks"][self.dist.rank] if "ranks" in state else state  # single-process format
+        set_rng_state(mine["rng"], self.uda.generator)
+        self.source.load_state_dict(mine["source_stream"])
+        if self.target is not None and mine["target_stream"] is not None:
+            self.target.load_state_dict(mine["target_stream"])
         self.iteration = int(state["iteration"])
+        self.overflow_steps = int(state.get("overflow_steps", 0))
         self.history = list(state["history"])
         self.evaluations = list(state["evaluations"])
 
     def save(self) -> Path:
-        """Write the checkpoint and the loss history (both atomically)."""
+        """Write the checkpoint and the loss history (atomically, rank 0; every rank must call it)."""
         path = self.output_dir / CHECKPOINT_NAME
-        save_checkpoint(path, self.state_dict())
-        atomic_write_bytes(self.output_dir / "history.json", json.dumps(self.history).encode())
+        state = self.state_dict()
+        if self.dist.is_main:
+            save_checkpoint(path, state)
+            atomic_write_bytes(self.output_dir / "history.json", json.dumps(self.history).encode())
+        barrier(self.dist)
         return path
 
     # -- the loop --------------------------------------------------------------------------------
@@ -211,21 +310,45 @@ class Trainer:
         set_learning_rate(self.optimizer, optim.lr, factor)
         self.model.train()
         totals: dict[str, float] = {}
-        for _ in range(optim.grad_accum):
+        backward = None
+        if self.scaler is not None:
+            scaler = self.scaler
+            backward = lambda loss: scaler.scale(loss).backward()  # noqa: E731
+        for micro in range(optim.grad_accum):
             source = to_device(self.source.next(), self.device)
             target = None
             if self.target is not None and self.iteration >= self.config.uda.source_warmup:
                 target = to_device(self.target.next(), self.device)
-            metrics = self.uda.forward_backward(source, target, scale=1.0 / optim.grad_accum)
+            # DDP averages gradients on the last micro-step only; earlier ones accumulate locally.
+            last = micro == optim.grad_accum - 1
+            sync = contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync()
+            with sync:
+                metrics = self.uda.forward_backward(
+                    source, target, backward=backward, scale=1.0 / optim.grad_accum
+                )
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value / optim.grad_accum
+        if self.scaler is not None and optim.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
         if optim.grad_clip is not None:
             totals["grad_norm"] = float(
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), optim.grad_clip)
             )
-        self.optimizer.step()
+        if self.scaler is not None:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skips the step when a gradient is inf/NaN
+            self.scaler.update()
+            if self.scaler.get_scale() < scale:
+                self.overflow_steps += 1
+                log.warning("iteration %d: fp16 gradient overflow, step skipped", self.iteration)
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.uda.update_teacher(self.iteration)
+        totals = mean_over_ranks(self.dist, totals)
+        if self.scaler is not None:
+            totals["loss_scale"] = float(self.scaler.get_scale())
+            totals["overflow_steps"] = float(self.overflow_steps)
         totals["lr"] = optim.lr * factor
         totals["iteration"] = self.iteration
         self.iteration += 1
@@ -241,6 +364,10 @@ class Trainer:
             self.test_set,
             num_classes=self.config.model.num_classes,
             batch_size=self.config.eval.batch_size,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            reduce=lambda matrix: sum_over_ranks(self.dist, matrix),
+            autocast=self.autocast,
         )
         self.evaluations.append(
             {
@@ -251,10 +378,11 @@ class Trainer:
             }
         )
         log.info(
-            "iteration %d: target mIoU %.2f, accuracy %.2f",
+            "iteration %d: target mIoU %.2f, accuracy %.2f (%s)",
             self.iteration,
             100 * result.miou,
             100 * result.accuracy,
+            "student" if model is self.model else "teacher",
         )
         return result
 
@@ -270,10 +398,24 @@ class Trainer:
             raise ConfigError(
                 f"{checkpoint} exists: pass --resume to continue it, or choose another run.output_dir"
             )
-        dump_config(config, self.output_dir / "config.yaml")
+        if self.dist.is_main:
+            dump_config(config, self.output_dir / "config.yaml")
+        log.info(
+            "%d process(es) on %s, %s; global batch %d = %d per rank x %d rank(s) x %d accumulation",
+            self.dist.world_size,
+            self.device.type,
+            config.run.precision,
+            self.global_batch,
+            config.data.batch_size,
+            self.dist.world_size,
+            config.optim.grad_accum,
+        )
         end = config.optim.max_iters if stop_after is None else min(config.optim.max_iters, stop_after)
         started, first = time.perf_counter(), self.iteration
-        for _ in progress(range(self.iteration, end), desc="train", unit="it", total=end - self.iteration):
+        steps = range(self.iteration, end)
+        if self.dist.is_main:  # one progress bar per job, not per rank
+            steps = progress(steps, desc="train", unit="it", total=end - self.iteration)
+        for _ in steps:
             metrics = self.step()
             self.history.append(metrics)
             done = self.iteration
@@ -289,7 +431,7 @@ class Trainer:
         if self.iteration >= config.optim.max_iters:
             scores = self.evaluate()
             self.save()
-            if scores is not None:
+            if scores is not None and self.dist.is_main:
                 atomic_write_bytes(
                     self.output_dir / "scores.json",
                     json.dumps(

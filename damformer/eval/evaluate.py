@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
 import torch
 from torch import nn
 
@@ -26,20 +30,34 @@ def evaluate(
     num_classes: int,
     batch_size: int = 2,
     device: torch.device | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
 ) -> SegmentationScores:
-    """Score the HR prediction (argmax) of ``model`` on every labelled sample of ``shard_set``."""
+    """Score the HR prediction (argmax) of ``model`` on every labelled sample of ``shard_set``.
+
+    Under data parallelism each rank scores its own share of the samples (every sample exactly once)
+    and ``reduce`` sums the confusion matrices over the ranks.
+    """
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     matrix = ConfusionMatrix(num_classes)
     loader = ShardLoader(
-        shard_set, LoaderOptions(batch_size=batch_size, augment=False, pad=False, shuffle_buffer=1)
+        shard_set,
+        LoaderOptions(batch_size=batch_size, augment=False, pad=False, shuffle_buffer=1),
+        rank=rank,
+        world_size=world_size,
     )
-    for batch in progress(loader, desc="evaluate", unit="batch", total=len(loader)):
+    batches = loader if rank else progress(loader, desc="evaluate", unit="batch", total=len(loader))
+    for batch in batches:
         if "label" not in batch:
             raise ValueError("evaluation needs labelled shards (these were sharded with --no-labels)")
         batch = to_device(batch, device)
-        logits = model(*model_inputs(batch))["hr"]
+        with autocast():
+            logits = model(*model_inputs(batch))["hr"]
         matrix.update(logits.argmax(dim=1), batch["label"])
     model.train(was_training)
-    return scores(matrix.matrix)
+    total = matrix.matrix if reduce is None else reduce(matrix.matrix)
+    return scores(total)

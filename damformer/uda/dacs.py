@@ -18,8 +18,10 @@ through a callable so a DDP or DeepSpeed wrapper can own it; this module imports
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -92,6 +94,14 @@ class SelfTraining(nn.Module):
             self.imagenet.decoder = nn.Identity()  # only its encoder (and band adapter) is ever run
             self.imagenet.temporal = self.imagenet.fusion = self.imagenet.lr_head = None
         self.generator = torch.Generator().manual_seed(seed)
+        # Set by the engine: the student's forward wrapper (DDP) and the autocast context (AMP). Plain
+        # attributes, not submodules, so checkpoints keep the bare ``student.*`` keys.
+        self.use_student_forward(student)
+        self.autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext
+
+    def use_student_forward(self, module: nn.Module) -> None:
+        """Run the student's forward passes through ``module`` (the student itself, or its DDP wrapper)."""
+        object.__setattr__(self, "student_forward", module)  # bypasses submodule registration
 
     # -- losses ------------------------------------------------------------------------------------
 
@@ -134,19 +144,20 @@ class SelfTraining(nn.Module):
         """Compute and back-propagate every loss of one (micro-)step; returns scalar metrics."""
         backward = backward or (lambda loss: loss.backward())
         metrics: dict[str, float] = {}
-        out = self.student(*model_inputs(source))
-        loss = self.supervised_loss(out, source["label"])
-        metrics["loss_source"] = float(loss.detach())
-        if self.imagenet is not None:
-            distance = self.feature_distance(source, out["features"])
-            metrics["loss_feature_distance"] = float(distance.detach())
-            loss = loss + distance
+        with self.autocast():
+            out = self.student_forward(*model_inputs(source))
+            loss = self.supervised_loss(out, source["label"])
+            metrics["loss_source"] = float(loss.detach())
+            if self.imagenet is not None:
+                distance = self.feature_distance(source, out["features"])
+                metrics["loss_feature_distance"] = float(distance.detach())
+                loss = loss + distance
         backward(loss * scale)
         del out
         if self.teacher is None or target is None:
             return metrics
 
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast():
             teacher_out = self.teacher(*model_inputs(target))  # the target with its own S2 series
             probs = ensemble_probabilities(
                 teacher_out["hr"], teacher_out["lr"], lr_weight=self.config.ensemble_lr_weight
@@ -168,8 +179,9 @@ class SelfTraining(nn.Module):
         mixed["aerial"] = mixed_aerial
         mixed_labels = mix(masks, source_labels, labels)
         mixed_weight = mix(masks, torch.ones_like(weight), weight)
-        mixed_out = self.student(*model_inputs(mixed))
-        mixed_loss = self.supervised_loss(mixed_out, mixed_labels, mixed_weight)
+        with self.autocast():
+            mixed_out = self.student_forward(*model_inputs(mixed))
+            mixed_loss = self.supervised_loss(mixed_out, mixed_labels, mixed_weight)
         metrics["loss_mixed"] = float(mixed_loss.detach())
         backward(mixed_loss * scale)
         del mixed_out
@@ -177,8 +189,9 @@ class SelfTraining(nn.Module):
         if self.config.mic:
             masked = dict(target)
             masked["aerial"] = self._mask_blocks(target["aerial"].float())
-            mic_out = self.student(*model_inputs(masked))
-            mic_loss = self.config.mic_weight * weighted_cross_entropy(mic_out["hr"], labels, weight)
+            with self.autocast():
+                mic_out = self.student_forward(*model_inputs(masked))
+                mic_loss = self.config.mic_weight * weighted_cross_entropy(mic_out["hr"], labels, weight)
             metrics["loss_mic"] = float(mic_loss.detach())
             backward(mic_loss * scale)
         return metrics

@@ -1,0 +1,144 @@
+"""Process groups for data-parallel training: torchrun or Slurm environments, one process per device.
+
+    torchrun --standalone --nproc_per_node=2 -m damformer train CONFIG       # one node
+    srun --ntasks-per-node=4 python -m damformer train CONFIG                 # Slurm, one task per GPU
+
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. Under ``srun`` without
+torchrun, SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID give the ranks, and MASTER_ADDR / MASTER_PORT
+must be exported by the batch script (slurm/train.sh does). Without either, training runs on one
+process and nothing here touches torch.distributed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from damformer.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+TIMEOUT = datetime.timedelta(minutes=30)  # a rank stuck longer than this (I/O, a dead peer) aborts the job
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands among the data-parallel ranks."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None  # None: a single process, no process group
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a process group is up (world size > 1)."""
+        return self.backend is not None
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that logs, writes checkpoints and talks to the tracking server."""
+        return self.rank == 0
+
+
+def ranks_from_environment(env: Mapping[str, str] | None = None) -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) from torchrun or Slurm variables; None for a single process."""
+    env = os.environ if env is None else env
+    try:
+        if "RANK" in env and "WORLD_SIZE" in env:
+            rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+            local = int(env.get("LOCAL_RANK", rank))
+        elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+            rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+            local = int(env.get("SLURM_LOCALID", 0))
+        else:
+            return None
+    except ValueError as exc:
+        raise ConfigError(f"distributed environment: a rank variable is not an integer ({exc})") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"distributed environment: rank {rank} is outside world size {world}")
+    return (rank, world, local) if world > 1 else None
+
+
+def init_distributed(device: torch.device, env: Mapping[str, str] | None = None) -> DistContext:
+    """Join the process group described by the environment (nccl on CUDA, gloo on CPU)."""
+    ranks = ranks_from_environment(env)
+    if ranks is None:
+        return DistContext()
+    rank, world, local = ranks
+    env = os.environ if env is None else env
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        if key not in env:
+            raise ConfigError(
+                f"distributed environment: {key} is not set; launch with torchrun, or export it in the "
+                "Slurm script (slurm/train.sh sets MASTER_ADDR to the first node and a free MASTER_PORT)"
+            )
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=TIMEOUT)
+    log.debug("rank %d of %d (local %d) joined the %s process group", rank, world, local, backend)
+    return DistContext(rank=rank, world_size=world, local_rank=local, backend=backend)
+
+
+def teardown(context: DistContext, *, wait: bool = True) -> None:
+    """Leave the process group (without it some runs abort at exit); ``wait`` for the other ranks first."""
+    if context.enabled and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier(context: DistContext) -> None:
+    """Wait for every rank (no-op on one process)."""
+    if context.enabled:
+        dist.barrier()
+
+
+def mean_over_ranks(context: DistContext, values: dict[str, float]) -> dict[str, float]:
+    """Average scalar metrics over the ranks (keys must be the same on every rank)."""
+    if not context.enabled or not values:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return {k: float(v) / context.world_size for k, v in zip(keys, tensor.tolist(), strict=True)}
+
+
+def sum_over_ranks(context: DistContext, tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over the ranks (confusion matrices), returned on its original device."""
+    if not context.enabled:
+        return tensor
+    reduced = tensor.detach().to(torch.float64 if tensor.is_floating_point() else torch.int64).clone()
+    if context.backend == "nccl":
+        reduced = reduced.cuda()
+    dist.all_reduce(reduced)
+    return reduced.to(tensor.device, tensor.dtype)
+
+
+def gather_objects(context: DistContext, value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order (picklable objects: RNG states, stream cursors)."""
+    if not context.enabled:
+        return [value]
+    gathered: list[Any] = [None] * context.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def broadcast_flag(context: DistContext, flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank."""
+    if not context.enabled:
+        return flag
+    tensor = torch.tensor([int(flag)])
+    if context.backend == "nccl":
+        tensor = tensor.cuda()
+    dist.broadcast(tensor, src=0)
+    return bool(tensor.item())

@@ -1,0 +1,206 @@
+"""DDP with real gloo process groups (torchrun, two ranks or two "nodes" on localhost), AMP, restarts."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from damformer.config import ConfigError, load_config
+from damformer.engine.checkpoint import load_checkpoint
+from damformer.engine.distributed import ranks_from_environment
+from damformer.engine.train import Trainer
+
+pytestmark = pytest.mark.timeout(300)
+
+# Source only with rare class sampling (index-based draws), no dropout: two ranks with batch 1 see
+# exactly the samples that one process with batch 1 and two accumulation steps sees.
+EQUIVALENT = {
+    "uda": {"enabled": False, "rcs": True},
+    "model": {"arch": "unet_t", "temporal": False, "drop_path": 0.0},
+    "data": {"batch_size": 1},
+    "optim": {"max_iters": 4},
+    "eval": {"interval": 0},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", DAMFORMER_QUIET="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID"):
+        env.pop(key, None)
+    return env
+
+
+def _torchrun(launcher_args: list[str], overrides: list[str], *extra: str) -> list[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", *launcher_args]
+    command += ["-m", "damformer", "-q", "train", "/dev/null", *extra]
+    for assignment in overrides:
+        command += ["--set", assignment]
+    return command
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=240, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def _standalone(nproc: int = 2) -> list[str]:
+    return ["--standalone", f"--nproc_per_node={nproc}"]
+
+
+def _is_bn_buffer(name: str) -> bool:
+    """BatchNorm statistics: per rank under DDP (each rank normalises its own batch)."""
+    return "running_" in name or "num_batches_tracked" in name
+
+
+def _student(checkpoint: Path) -> dict[str, torch.Tensor]:
+    state = load_checkpoint(checkpoint)["uda"]
+    return {k: v for k, v in state.items() if k.startswith("student.") and not _is_bn_buffer(k)}
+
+
+def test_ranks_from_torchrun_and_slurm_variables():
+    assert ranks_from_environment({}) is None
+    assert ranks_from_environment({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == (1, 4, 1)
+    assert ranks_from_environment({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}) == (
+        5,
+        8,
+        1,
+    )
+    assert ranks_from_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) is None  # a 1-task job
+    with pytest.raises(ConfigError, match="rank 4 is outside world size 4"):
+        ranks_from_environment({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+def test_ddp_equals_one_process_with_the_same_global_batch(tiny_overrides, tmp_path):
+    single = tiny_overrides(tmp_path / "single", **{**EQUIVALENT, "optim": {"max_iters": 4, "grad_accum": 2}})
+    trainer = Trainer(load_config(None, single))
+    initial = {f"student.{k}": v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.run()
+    _run(_torchrun(_standalone(), tiny_overrides(tmp_path / "ddp", **EQUIVALENT)))
+    state = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")
+    assert state["world_size"] == 2 and len(state["ranks"]) == 2
+    digests = state["student_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1], "the student differs between the ranks"
+    ddp, one = _student(tmp_path / "ddp" / "checkpoint.pt"), _student(tmp_path / "single" / "checkpoint.pt")
+    assert ddp.keys() == one.keys()
+    for name, tensor in one.items():
+        torch.testing.assert_close(ddp[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    assert any(not torch.equal(initial[name], tensor) for name, tensor in one.items()), "nothing trained"
+    single_history = load_checkpoint(tmp_path / "single" / "checkpoint.pt")["history"]
+    for a, b in zip(state["history"], single_history, strict=True):
+        assert a["loss_source"] == pytest.approx(b["loss_source"], rel=1e-4)
+
+
+def test_ddp_uda_with_bf16_and_resume_on_another_world_size_refused(tiny_overrides, tmp_path):
+    overrides = tiny_overrides(tmp_path / "uda", optim={"max_iters": 3}, run={"precision": "bf16"})
+    result = _run(_torchrun(_standalone(), overrides))
+    assert "target test mIoU" in result.stdout
+    state = load_checkpoint(tmp_path / "uda" / "checkpoint.pt")
+    assert state["iteration"] == 3 and len(set(state["student_digests"])) == 1
+    assert {"loss_source", "loss_mixed", "loss_mic", "pseudo_confidence"} <= set(state["history"][-1])
+    bigger = tiny_overrides(tmp_path / "uda", optim={"max_iters": 5}, run={"precision": "bf16"})
+    trainer = Trainer(load_config(None, bigger))  # one process
+    with pytest.raises(ConfigError, match="written by a run on 2 process"):
+        trainer.run(resume=True)
+
+
+def test_two_nodes_on_localhost(tiny_overrides, tmp_path):
+    port = _free_port()
+    overrides = tiny_overrides(tmp_path / "nodes", optim={"max_iters": 2}, eval={"interval": 0})
+    nodes = [
+        subprocess.Popen(
+            _torchrun(
+                [
+                    "--nnodes=2",
+                    f"--node_rank={rank}",
+                    "--nproc_per_node=1",
+                    "--master_addr=127.0.0.1",
+                    f"--master_port={port}",
+                ],
+                overrides,
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=240) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, err[-4000:]
+    state = load_checkpoint(tmp_path / "nodes" / "checkpoint.pt")
+    assert state["world_size"] == 2 and state["iteration"] == 2
+    assert "x 2 ranks" in outputs[0][0]
+
+
+def test_killed_rank_restarts_from_the_checkpoint(tiny_overrides, tmp_path):
+    sections = {**EQUIVALENT, "optim": {"max_iters": 16}, "log": {"checkpoint_interval": 2}}
+    _run(_torchrun(_standalone(), tiny_overrides(tmp_path / "full", **sections)))
+    command = _torchrun(
+        [*_standalone(), "--max-restarts=1"], tiny_overrides(tmp_path / "killed", **sections), "--resume"
+    )
+    launcher = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
+    )
+    checkpoint = tmp_path / "killed" / "checkpoint.pt"
+    deadline, killed = time.monotonic() + 180, None
+    while time.monotonic() < deadline and launcher.poll() is None:
+        if checkpoint.is_file() and 2 <= load_checkpoint(checkpoint)["iteration"] < 12:
+            workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True)
+            pids = [int(pid) for pid in workers.stdout.split()]
+            if len(pids) == 2:
+                killed = pids[-1]
+                os.kill(killed, signal.SIGKILL)
+                break
+        time.sleep(0.05)
+    _, err = launcher.communicate(timeout=240)
+    assert killed is not None, "the run ended before a rank could be killed"
+    assert launcher.returncode == 0, err[-4000:]
+    assert "resumed from" in err or "restart" in err.lower()
+    full, resumed = load_checkpoint(tmp_path / "full" / "checkpoint.pt"), load_checkpoint(checkpoint)
+    assert resumed["iteration"] == 16
+    assert resumed["history"] == full["history"]
+    for name, tensor in full["uda"].items():
+        if not _is_bn_buffer(name):
+            assert torch.equal(resumed["uda"][name], tensor), name
+
+
+def test_fp16_overflow_step_is_skipped_and_counted(tiny_overrides, tmp_path):
+    overrides = tiny_overrides(
+        tmp_path / "fp16", **{**EQUIVALENT, "run": {"precision": "fp16", "device": "cpu"}}
+    )
+    trainer = Trainer(load_config(None, overrides))
+    assert trainer.scaler is not None
+    trainer.step()
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items() if v.is_floating_point()}
+    scale = trainer.scaler.get_scale()
+    original = trainer.uda.forward_backward
+
+    def overflowing(*args, **kwargs):
+        metrics = original(*args, **kwargs)
+        next(p for p in trainer.model.parameters() if p.grad is not None).grad.fill_(float("inf"))
+        return metrics
+
+    trainer.uda.forward_backward = overflowing
+    metrics = trainer.step()
+    assert metrics["overflow_steps"] == 1.0 and trainer.overflow_steps == 1
+    assert trainer.scaler.get_scale() == scale / 2
+    params = dict(trainer.model.named_parameters())
+    for name, tensor in before.items():
+        if name in params:
+            assert torch.equal(params[name].detach(), tensor), f"{name} changed on a skipped step"
+    trainer.uda.forward_backward = original
+    assert trainer.step()["overflow_steps"] == 1.0  # a finite step goes through again
