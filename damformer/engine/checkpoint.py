@@ -38,12 +38,13 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path | str) -> dict[str, Any]:
     """Read a checkpoint (weights only: no code runs).
 
     Raises:
         CheckpointError: missing, unreadable, crafted (pickle with code) or of another format.
     """
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
