@@ -172,7 +172,13 @@ def test_killed_rank_restarts_from_the_checkpoint(tiny_overrides, tmp_path):
                 os.kill(killed, signal.SIGKILL)
                 break
         time.sleep(0.05)
-    _, err = launcher.communicate(timeout=240)
+    try:
+        _, err = launcher.communicate(timeout=150)
+    finally:
+        if launcher.poll() is None:  # a hung restart: leave no workers behind
+            subprocess.run(["pkill", "-KILL", "-P", str(launcher.pid)], check=False)
+            launcher.kill()
+            launcher.wait()
     assert killed is not None, "the run ended before a rank could be killed"
     assert launcher.returncode == 0, err[-4000:]
     assert "resumed from" in err or "restart" in err.lower()
