@@ -24,6 +24,7 @@ from damformer.errors import DataFormatError, NoClearDateError, mismatch
 
 S2_BANDS: tuple[str, ...] = ("B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12")
 NUM_S2_BANDS = len(S2_BANDS)
+S2_PIXEL_M = 10.0  # ground sampling of the FLAIR-2 Sentinel-2 superpatches
 SNOW_CHANNEL = 0
 CLOUD_CHANNEL = 1
 

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-CELL_M = 10.0  # Sentinel-2 pixel
+from damformer.data.sentinel import S2_PIXEL_M
+
+CELL_M = S2_PIXEL_M  # one scene cell = one Sentinel-2 pixel
 AERIAL_M = 0.2  # aerial pixel
 REGION_BLOCK_CELLS = 3.5  # one land-cover region seed per block of this many S2 cells (35 m)
 

@@ -27,6 +27,7 @@ import torch
 
 from damformer.config import ConfigError, RunConfig, dump_config
 from damformer.data.loader import ShardSet
+from damformer.data.sentinel import S2_PIXEL_M
 from damformer.data.shard_io import atomic_write_bytes
 from damformer.data.streams import RareClassStream, endless_loader
 from damformer.engine.checkpoint import (
@@ -51,9 +52,6 @@ from damformer.progress import progress
 from damformer.uda.dacs import SelfTraining
 
 log = logging.getLogger(__name__)
-
-
-S2_PIXEL_M = 10.0
 
 
 def _due(iteration: int, interval: int) -> bool:
