@@ -43,7 +43,9 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# DeepSpeed JIT-compiles its CPU comm op on first use (30-35 s): once here, not in every test.
 test: lint
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m damformer.engine.deepspeed_engine
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
 
 bench: install

@@ -249,7 +249,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 f"{config.optim.max_iters} iterations on {trainer.device}{ranks}; "
                 f"output: {config.run.output_dir}"
             )
-        result = trainer.run(resume=args.resume)
+        result = trainer.run(resume=args.resume, stop_after=args.stop_after)
         if result.scores is not None and dist.is_main:
             print(
                 f"target test mIoU {100 * result.scores.miou:.2f}  "
@@ -311,6 +311,13 @@ def _add_training_parsers(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--output-dir", type=Path, help="override run.output_dir")
     train.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
+    train.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="ITER",
+        help="stop with a checkpoint once iteration ITER is done (the schedule still ends at "
+        "optim.max_iters): split a run over time-limited jobs, continue with --resume",
+    )
     train.set_defaults(run=_cmd_train)
 
     evaluate = commands.add_parser(

@@ -148,15 +148,22 @@ class DistConfig:
 
     Attributes:
         engine: ``ddp`` (DistributedDataParallel around the student; the EMA teacher is updated
-            identically on every rank without communication).
+            identically on every rank without communication) or ``deepspeed`` (ZeRO stage 1 or 2
+            around our AdamW: optimiser state, and with stage 2 gradients, partitioned over the ranks).
         sync_bn: convert the student's BatchNorm layers to SyncBatchNorm (CUDA only: batch statistics
             over the global batch instead of each rank's).
         find_unused_parameters: DDP's option, for models whose forward leaves parameters unused.
+        zero_stage: DeepSpeed ZeRO stage, 1 or 2; None: the JSON's ``zero_optimization.stage``, else 2.
+        deepspeed_config: a DeepSpeed JSON (launch/deepspeed/zero1.json, zero2.json) for ZeRO bucket
+            sizes and fp16 loss-scale settings; batch sizes, accumulation, clipping and precision
+            come from this run config and may not be set there. None: the built-in defaults.
     """
 
     engine: str = "ddp"
     sync_bn: bool = False
     find_unused_parameters: bool = False
+    zero_stage: int | None = None
+    deepspeed_config: str | None = None
 
 
 @dataclass
@@ -305,8 +312,13 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("data.target: UDA needs a target shard set (or set uda.enabled=false)")
     if config.run.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"run.precision: expected fp32, bf16 or fp16, found {config.run.precision!r}")
-    if config.dist.engine != "ddp":
-        raise ConfigError(f"dist.engine: expected ddp, found {config.dist.engine!r}")
+    if config.dist.engine not in ("ddp", "deepspeed"):
+        raise ConfigError(f"dist.engine: expected ddp or deepspeed, found {config.dist.engine!r}")
+    if config.dist.zero_stage not in (None, 1, 2):
+        raise ConfigError(
+            f"dist.zero_stage: expected 1 or 2, found {config.dist.zero_stage!r} "
+            "(stage 3 partitions the weights, which the EMA teacher reads every step)"
+        )
     if config.run.device not in ("auto", "cpu", "cuda") and not config.run.device.startswith("cuda:"):
         raise ConfigError(f"run.device: expected auto, cpu or cuda[:N], found {config.run.device!r}")
 

@@ -30,6 +30,7 @@ from damformer.data.loader import ShardSet
 from damformer.data.sentinel import S2_PIXEL_M
 from damformer.data.shard_io import atomic_write_bytes
 from damformer.data.streams import RareClassStream, endless_loader
+from damformer.engine import deepspeed_engine
 from damformer.engine.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
@@ -166,7 +167,8 @@ class Trainer:
         self.uda = SelfTraining(self.model, config.uda, seed=config.run.seed + 7919 * rank).to(self.device)
         self.uda.autocast = self.autocast
         self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
-        if self.dist.enabled:
+        self.engine_name = config.dist.engine if self.dist.enabled else "single"
+        if self.engine_name == "ddp":
             # MIC's loss reads only the HR output: a model with an LR head leaves it unused there.
             unused = config.dist.find_unused_parameters or (config.uda.enabled and config.uda.mic)
             self.ddp = torch.nn.parallel.DistributedDataParallel(
@@ -179,6 +181,16 @@ class Trainer:
         self.optimizer = build_optimizer(
             self.model, lr=optim.lr, weight_decay=optim.weight_decay, head_lr_mult=optim.head_lr_mult
         )
+        self.ds: Any = None  # the DeepSpeed engine (dist.engine=deepspeed on several processes)
+        if self.engine_name == "deepspeed":
+            ds_config = deepspeed_engine.deepspeed_config(config, world, self.device)
+            self.ds = deepspeed_engine.initialize(self.model, self.optimizer, ds_config, self.device)
+            self.uda.use_student_forward(self.ds)
+            log.info("DeepSpeed ZeRO stage %d", ds_config["zero_optimization"]["stage"])
+            if self.scaler is not None:
+                self.scaler = None  # fp16: DeepSpeed's own dynamic loss scaler
+        elif config.dist.engine == "deepspeed":
+            log.info("one process: dist.engine=deepspeed has nothing to partition, training without it")
         data, seed = config.data, config.run.seed
         if config.uda.rcs:
             self.source = RareClassStream(
@@ -251,7 +263,9 @@ class Trainer:
             "config": self.config.to_dict(),
             "model_name": self.config.model.name,
             "uda": self.uda.state_dict(),  # student, teacher, frozen encoder (rank 0's teacher BN stats)
-            "optimizer": self.optimizer.state_dict(),
+            # under DeepSpeed the optimiser state lives in its shards (see save())
+            "optimizer": self.optimizer.state_dict() if self.ds is None else None,
+            "engine": self.engine_name,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "overflow_steps": self.overflow_steps,
             "world_size": self.dist.world_size,
@@ -275,8 +289,21 @@ class Trainer:
                 f"{self.dist.world_size}: the data streams and RNG states are per rank, so resume with "
                 f"{saved_world} processes (nodes x --nproc_per_node), or start a new run.output_dir"
             )
+        saved_engine = state.get("engine", "single" if saved_world == 1 else "ddp")
+        if (saved_engine == "deepspeed") != (self.ds is not None):
+            raise ConfigError(
+                f"{where}: written with dist.engine={saved_engine}, resumed with dist.engine="
+                f"{self.engine_name}: the optimiser state is stored differently; resume with the same engine"
+            )
         self.uda.load_state_dict(state["uda"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ds is not None:
+            root = self.output_dir / deepspeed_engine.DEEPSPEED_DIR
+            folder = deepspeed_engine.verify_shards(root, state["deepspeed"], where=where)
+            self.ds.load_checkpoint(
+                str(root), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         mine = state["ranks"][self.dist.rank] if "ranks" in state else state  # single-process format
@@ -293,9 +320,20 @@ class Trainer:
         """Write the checkpoint and the loss history (atomically, rank 0; every rank must call it)."""
         path = self.output_dir / CHECKPOINT_NAME
         state = self.state_dict()
+        root = self.output_dir / deepspeed_engine.DEEPSPEED_DIR
+        if self.ds is not None:
+            # Every rank writes its optimiser shard into a fresh folder; checkpoint.pt, renamed into
+            # place after all of them, names that folder with checksums: the commit point.
+            tag = gather_objects(self.dist, deepspeed_engine.new_tag(self.iteration))[0]
+            self.ds.save_checkpoint(str(root), tag=tag, save_latest=False)
+            barrier(self.dist)
+            if self.dist.is_main:
+                state["deepspeed"] = {"tag": tag, "files": deepspeed_engine.file_digests(root / tag)}
         if self.dist.is_main:
             save_checkpoint(path, state)
             atomic_write_bytes(self.output_dir / "history.json", json.dumps(self.history).encode())
+            if self.ds is not None:
+                deepspeed_engine.remove_other_tags(root, keep=state["deepspeed"]["tag"])
         barrier(self.dist)
         return path
 
@@ -312,6 +350,9 @@ class Trainer:
         if self.scaler is not None:
             scaler = self.scaler
             backward = lambda loss: scaler.scale(loss).backward()  # noqa: E731
+        elif self.ds is not None:
+            engine = self.ds  # accumulates locally (and scales fp16 losses); reduces in step()
+            backward = lambda loss: engine.backward(loss, scale_wrt_gas=False)  # noqa: E731
         for micro in range(optim.grad_accum):
             source = to_device(self.source.next(), self.device)
             target = None
@@ -326,6 +367,41 @@ class Trainer:
                 )
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value / optim.grad_accum
+        if self.ds is not None:
+            totals.update(self._deepspeed_step())
+        else:
+            totals.update(self._optimizer_step())
+        self.uda.update_teacher(self.iteration)
+        totals = mean_over_ranks(self.dist, totals)
+        if self.scaler is not None or (self.ds is not None and self.ds.fp16_enabled()):
+            totals["loss_scale"] = self._loss_scale()
+            totals["overflow_steps"] = float(self.overflow_steps)
+        totals["lr"] = optim.lr * factor
+        totals["iteration"] = self.iteration
+        self.iteration += 1
+        return totals
+
+    def _loss_scale(self) -> float:
+        if self.ds is not None:
+            return float(deepspeed_engine.loss_scale(self.ds) or 1.0)
+        return float(self.scaler.get_scale()) if self.scaler is not None else 1.0
+
+    def _deepspeed_step(self) -> dict[str, float]:
+        """DeepSpeed reduces the accumulated gradients, clips, steps (or skips on fp16 overflow)."""
+        skipped = self.ds.skipped_steps
+        self.ds.step()
+        metrics: dict[str, float] = {}
+        if self.ds.skipped_steps > skipped:
+            self.overflow_steps += 1
+            log.warning("iteration %d: fp16 gradient overflow, step skipped", self.iteration)
+        if self.config.optim.grad_clip is not None and self.ds.get_global_grad_norm() is not None:
+            metrics["grad_norm"] = float(self.ds.get_global_grad_norm())
+        return metrics
+
+    def _optimizer_step(self) -> dict[str, float]:
+        """Clip (unscaled), step (GradScaler skips overflowing fp16 steps), zero the gradients."""
+        optim = self.config.optim
+        totals: dict[str, float] = {}
         if self.scaler is not None and optim.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
         if optim.grad_clip is not None:
@@ -342,14 +418,6 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.uda.update_teacher(self.iteration)
-        totals = mean_over_ranks(self.dist, totals)
-        if self.scaler is not None:
-            totals["loss_scale"] = float(self.scaler.get_scale())
-            totals["overflow_steps"] = float(self.overflow_steps)
-        totals["lr"] = optim.lr * factor
-        totals["iteration"] = self.iteration
-        self.iteration += 1
         return totals
 
     def evaluate(self) -> SegmentationScores | None:
@@ -385,7 +453,7 @@ class Trainer:
         return result
 
     def run(self, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
-        """Train to ``optim.max_iters`` (or stop after ``stop_after`` iterations, for tests)."""
+        """Train to ``optim.max_iters``, or stop (with a checkpoint) once iteration ``stop_after`` is done."""
         config = self.config
         self.output_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = self.output_dir / CHECKPOINT_NAME

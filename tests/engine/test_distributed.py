@@ -2,14 +2,21 @@
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from torchrun_helpers import (
+    EQUIVALENT,
+    clean_env,
+    free_port,
+    is_bn_buffer,
+    run,
+    standalone,
+    student,
+    torchrun,
+)
 
 from damformer.config import ConfigError, load_config
 from damformer.engine.checkpoint import load_checkpoint
@@ -17,57 +24,6 @@ from damformer.engine.distributed import ranks_from_environment
 from damformer.engine.train import Trainer
 
 pytestmark = pytest.mark.timeout(300)
-
-# Source only with rare class sampling (index-based draws), no dropout: two ranks with batch 1 see
-# exactly the samples that one process with batch 1 and two accumulation steps sees.
-EQUIVALENT = {
-    "uda": {"enabled": False, "rcs": True},
-    "model": {"arch": "unet_t", "temporal": False, "drop_path": 0.0},
-    "data": {"batch_size": 1},
-    "optim": {"max_iters": 4},
-    "eval": {"interval": 0},
-}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DAMFORMER_QUIET="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID"):
-        env.pop(key, None)
-    return env
-
-
-def _torchrun(launcher_args: list[str], overrides: list[str], *extra: str) -> list[str]:
-    command = [sys.executable, "-m", "torch.distributed.run", *launcher_args]
-    command += ["-m", "damformer", "-q", "train", "/dev/null", *extra]
-    for assignment in overrides:
-        command += ["--set", assignment]
-    return command
-
-
-def _run(command: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=240, check=False)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
-
-
-def _standalone(nproc: int = 2) -> list[str]:
-    return ["--standalone", f"--nproc_per_node={nproc}"]
-
-
-def _is_bn_buffer(name: str) -> bool:
-    """BatchNorm statistics: per rank under DDP (each rank normalises its own batch)."""
-    return "running_" in name or "num_batches_tracked" in name
-
-
-def _student(checkpoint: Path) -> dict[str, torch.Tensor]:
-    state = load_checkpoint(checkpoint)["uda"]
-    return {k: v for k, v in state.items() if k.startswith("student.") and not _is_bn_buffer(k)}
 
 
 def test_ranks_from_torchrun_and_slurm_variables():
@@ -88,12 +44,12 @@ def test_ddp_equals_one_process_with_the_same_global_batch(tiny_overrides, tmp_p
     trainer = Trainer(load_config(None, single))
     initial = {f"student.{k}": v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.run()
-    _run(_torchrun(_standalone(), tiny_overrides(tmp_path / "ddp", **EQUIVALENT)))
+    run(torchrun(standalone(), tiny_overrides(tmp_path / "ddp", **EQUIVALENT)))
     state = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")
     assert state["world_size"] == 2 and len(state["ranks"]) == 2
     digests = state["student_digests"]
     assert len(digests) == 2 and digests[0] == digests[1], "the student differs between the ranks"
-    ddp, one = _student(tmp_path / "ddp" / "checkpoint.pt"), _student(tmp_path / "single" / "checkpoint.pt")
+    ddp, one = student(tmp_path / "ddp" / "checkpoint.pt"), student(tmp_path / "single" / "checkpoint.pt")
     assert ddp.keys() == one.keys()
     for name, tensor in one.items():
         torch.testing.assert_close(ddp[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
@@ -105,7 +61,7 @@ def test_ddp_equals_one_process_with_the_same_global_batch(tiny_overrides, tmp_p
 
 def test_ddp_uda_with_bf16_and_resume_on_another_world_size_refused(tiny_overrides, tmp_path):
     overrides = tiny_overrides(tmp_path / "uda", optim={"max_iters": 3}, run={"precision": "bf16"})
-    result = _run(_torchrun(_standalone(), overrides))
+    result = run(torchrun(standalone(), overrides))
     assert "target test mIoU" in result.stdout
     state = load_checkpoint(tmp_path / "uda" / "checkpoint.pt")
     assert state["iteration"] == 3 and len(set(state["student_digests"])) == 1
@@ -117,11 +73,11 @@ def test_ddp_uda_with_bf16_and_resume_on_another_world_size_refused(tiny_overrid
 
 
 def test_two_nodes_on_localhost(tiny_overrides, tmp_path):
-    port = _free_port()
+    port = free_port()
     overrides = tiny_overrides(tmp_path / "nodes", optim={"max_iters": 2}, eval={"interval": 0})
     nodes = [
         subprocess.Popen(
-            _torchrun(
+            torchrun(
                 [
                     "--nnodes=2",
                     f"--node_rank={rank}",
@@ -134,7 +90,7 @@ def test_two_nodes_on_localhost(tiny_overrides, tmp_path):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=_env(),
+            env=clean_env(),
         )
         for rank in (0, 1)
     ]
@@ -154,12 +110,12 @@ def test_two_nodes_on_localhost(tiny_overrides, tmp_path):
 )
 def test_killed_rank_restarts_from_the_checkpoint(tiny_overrides, tmp_path):
     sections = {**EQUIVALENT, "optim": {"max_iters": 16}, "log": {"checkpoint_interval": 2}}
-    _run(_torchrun(_standalone(), tiny_overrides(tmp_path / "full", **sections)))
-    command = _torchrun(
-        [*_standalone(), "--max-restarts=1"], tiny_overrides(tmp_path / "killed", **sections), "--resume"
+    run(torchrun(standalone(), tiny_overrides(tmp_path / "full", **sections)))
+    command = torchrun(
+        [*standalone(), "--max-restarts=1"], tiny_overrides(tmp_path / "killed", **sections), "--resume"
     )
     launcher = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env()
     )
     checkpoint = tmp_path / "killed" / "checkpoint.pt"
     deadline, killed = time.monotonic() + 180, None
@@ -186,7 +142,7 @@ def test_killed_rank_restarts_from_the_checkpoint(tiny_overrides, tmp_path):
     assert resumed["iteration"] == 16
     assert resumed["history"] == full["history"]
     for name, tensor in full["uda"].items():
-        if not _is_bn_buffer(name):
+        if not is_bn_buffer(name):
             assert torch.equal(resumed["uda"][name], tensor), name
 
 

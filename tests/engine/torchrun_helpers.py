@@ -1,0 +1,64 @@
+"""Launch helpers shared by the distributed tests: torchrun command lines, a clean environment."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from damformer.engine.checkpoint import load_checkpoint
+
+# Source only with rare class sampling (index-based draws), no dropout: two ranks with batch 1 see
+# exactly the samples that one process with batch 1 and two accumulation steps sees.
+EQUIVALENT = {
+    "uda": {"enabled": False, "rcs": True},
+    "model": {"arch": "unet_t", "temporal": False, "drop_path": 0.0},
+    "data": {"batch_size": 1},
+    "optim": {"max_iters": 4},
+    "eval": {"interval": 0},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def clean_env() -> dict[str, str]:
+    values = dict(os.environ, OMP_NUM_THREADS="1", DAMFORMER_QUIET="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID"):
+        values.pop(key, None)
+    return values
+
+
+def torchrun(launcher_args: list[str], overrides: list[str], *extra: str) -> list[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", *launcher_args]
+    command += ["-m", "damformer", "-q", "train", "/dev/null", *extra]
+    for assignment in overrides:
+        command += ["--set", assignment]
+    return command
+
+
+def run(command: list[str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=clean_env(), timeout=240, check=False
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def standalone(nproc: int = 2) -> list[str]:
+    return ["--standalone", f"--nproc_per_node={nproc}"]
+
+
+def is_bn_buffer(name: str) -> bool:
+    """BatchNorm statistics: per rank under DDP (each rank normalises its own batch)."""
+    return "running_" in name or "num_batches_tracked" in name
+
+
+def student(checkpoint: Path) -> dict[str, torch.Tensor]:
+    state = load_checkpoint(checkpoint)["uda"]
+    return {k: v for k, v in state.items() if k.startswith("student.") and not is_bn_buffer(k)}
