@@ -84,9 +84,36 @@ def init_distributed(device: torch.device, env: Mapping[str, str] | None = None)
     if device.type == "cuda":
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=TIMEOUT)
+        store, *_ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=TIMEOUT))
+        prefix = _restart_prefix(env)
+        if prefix is not None:
+            store = dist.PrefixStore(prefix, store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=TIMEOUT)
     log.debug("rank %d of %d (local %d) joined the %s process group", rank, world, local, backend)
     return DistContext(rank=rank, world_size=world, local_rank=local, backend=backend)
+
+
+def _restart_prefix(env: Mapping[str, str]) -> str | None:
+    """A store prefix of this torchrun restart, when the workers share the agent's store.
+
+    torchrun keeps one TCP store for the whole job and the workers of every restart connect to it
+    without a prefix, so a restarted rank can read the gloo address a dead rank of the previous
+    attempt published and wait on it ("connectFullMesh failed ... Connection refused", or a hang).
+    On one node every worker sees the same TORCHELASTIC_RESTART_COUNT, which keys them apart. Across
+    nodes the counts may differ, so the launchers (launch/multinode.sh, slurm/train.sh) set
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 instead: a fresh store per attempt.
+    """
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if env.get("GROUP_WORLD_SIZE", "1") != "1":
+        if int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+            log.warning(
+                "torchrun restarts across nodes share one store: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                "before torchrun so a restarted job cannot pick up a dead rank's address "
+                "(launch/multinode.sh and slurm/train.sh do)"
+            )
+        return None
+    return f"damformer/restart{env.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
 
 
 def teardown(context: DistContext, *, wait: bool = True) -> None:

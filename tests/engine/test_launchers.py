@@ -1,0 +1,75 @@
+"""The launch/ scripts start real jobs: two "nodes" on localhost (c10d), DeepSpeed's launcher, one node."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from torchrun_helpers import clean_env, free_port
+
+from damformer.engine.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.timeout(300)
+LAUNCH = Path(__file__).parents[2] / "launch"
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [part for assignment in overrides for part in ("--set", assignment)]
+
+
+def _launch(script: str, overrides: list[str], **variables: str) -> subprocess.Popen:
+    env = dict(clean_env(), **variables)
+    return subprocess.Popen(
+        ["bash", str(LAUNCH / script), "/dev/null", *_sets(overrides)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def _finish(process: subprocess.Popen) -> tuple[str, str]:
+    try:
+        out, err = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, err[-4000:]
+    return out, err
+
+
+def test_two_nodes_with_c10d_rendezvous(tiny_overrides, tmp_path):
+    endpoint = f"127.0.0.1:{free_port()}"
+    overrides = tiny_overrides(tmp_path / "nodes", optim={"max_iters": 2}, eval={"interval": 0})
+    nodes = [
+        _launch(
+            "multinode.sh",
+            overrides,
+            NNODES="2",
+            RDZV_ENDPOINT=endpoint,
+            RDZV_ID=f"test{os.getpid()}",
+            GPUS="1",
+        )
+        for _ in range(2)
+    ]
+    outputs = [_finish(node) for node in nodes]
+    state = load_checkpoint(tmp_path / "nodes" / "checkpoint.pt")
+    assert state["world_size"] == 2 and state["iteration"] == 2
+    assert len(set(state["student_digests"])) == 1
+    assert sum("x 2 ranks" in out for out, _ in outputs) == 1  # rank 0 speaks, on whichever node it is
+
+
+def test_deepspeed_launcher_with_zero1(tiny_overrides, tmp_path):
+    overrides = tiny_overrides(tmp_path / "ds", optim={"max_iters": 2}, eval={"interval": 0})
+    _, err = _finish(_launch("deepspeed.sh", overrides, GPUS="2", ZERO="1", MASTER_PORT=str(free_port())))
+    assert "DeepSpeed ZeRO stage 1" in err
+    state = load_checkpoint(tmp_path / "ds" / "checkpoint.pt")
+    assert state["engine"] == "deepspeed" and state["world_size"] == 2 and state["iteration"] == 2
+
+
+def test_single_node_launcher(tiny_overrides, tmp_path):
+    overrides = tiny_overrides(tmp_path / "one", optim={"max_iters": 1}, eval={"interval": 0})
+    out, _ = _finish(_launch("torchrun.sh", overrides, GPUS="2"))
+    assert "x 2 ranks" in out
+    assert load_checkpoint(tmp_path / "one" / "checkpoint.pt")["world_size"] == 2
