@@ -103,9 +103,11 @@ def test_two_nodes_on_localhost(tiny_overrides, tmp_path):
 
 
 @pytest.mark.timeout(200)
-def test_killed_rank_restarts_from_the_checkpoint(tiny_overrides, tmp_path):
+@pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
+def test_killed_rank_restarts_from_the_checkpoint(engine, tiny_overrides, tmp_path):
     """Was flaky (2 of 6 passed) until each restart's process group got its own store prefix."""
     sections = {**EQUIVALENT, "optim": {"max_iters": 16}, "log": {"checkpoint_interval": 2}}
+    sections["dist"] = {"engine": engine, "zero_stage": 2 if engine == "deepspeed" else None}
     run(torchrun(standalone(), tiny_overrides(tmp_path / "full", **sections)))
     command = torchrun(
         [*standalone(), "--max-restarts=1"], tiny_overrides(tmp_path / "killed", **sections), "--resume"
@@ -135,7 +137,7 @@ def test_killed_rank_restarts_from_the_checkpoint(tiny_overrides, tmp_path):
     assert launcher.returncode == 0, err[-4000:]
     assert "resumed from" in err or "restart" in err.lower()
     full, resumed = load_checkpoint(tmp_path / "full" / "checkpoint.pt"), load_checkpoint(checkpoint)
-    assert resumed["iteration"] == 16
+    assert resumed["iteration"] == 16 and resumed["engine"] == engine
     assert resumed["history"] == full["history"]
     for name, tensor in full["uda"].items():
         if not is_bn_buffer(name):
