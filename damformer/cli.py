@@ -233,10 +233,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from damformer.config import load_config
     from damformer.engine.distributed import init_distributed, teardown
     from damformer.engine.train import Trainer, resolve_device
+    from damformer.tracking.mlflow_tracker import experiment_family
 
     config = load_config(args.config, args.set)
     if args.output_dir is not None:
         config.run.output_dir = str(args.output_dir)
+    if args.tracking_uri is not None:
+        config.log.tracking_uri = args.tracking_uri
+    if config.log.experiment is None:  # one MLflow experiment per config family (its folder)
+        config.log.experiment = experiment_family(args.config)
     dist = init_distributed(resolve_device(config.run.device))
     if not dist.is_main:  # one voice per job: other ranks only warn
         logging.getLogger("damformer").setLevel(logging.WARNING)
@@ -311,6 +316,12 @@ def _add_training_parsers(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--output-dir", type=Path, help="override run.output_dir")
     train.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
+    train.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="MLflow store or server for this run (log.tracking_uri), e.g. http://127.0.0.1:5000; "
+        "default: sqlite:///OUTPUT_DIR/mlflow.db",
+    )
     train.add_argument(
         "--stop-after",
         type=int,
@@ -402,6 +413,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             break
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.log_level != "DEBUG":  # MLflow's store migrations and DeepSpeed's banners are not our story
+        for noisy in ("mlflow", "alembic", "DeepSpeed"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     set_quiet(args.quiet)
     run: Callable[[argparse.Namespace], int] = args.run
     try:

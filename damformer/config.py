@@ -120,10 +120,23 @@ class EvalConfig:
 
 @dataclass
 class LogConfig:
-    """Console/JSON logging and checkpoint cadence, in iterations (0: only at the end of the run)."""
+    """Logging, tracking and checkpoint cadence, in iterations (0: only at the end of the run).
+
+    Attributes:
+        tracking: log the run to MLflow (rank 0): params, metrics, figures and the final checkpoint.
+        tracking_uri: MLflow store or server; None: ``sqlite:///OUTPUT/mlflow.db`` (artifacts in
+            ``OUTPUT/mlruns``). A shared server (``http://host:port``) puts runs side by side.
+        experiment: MLflow experiment; None: the config file's folder (``configs/ablation/x.yaml``
+            -> ``ablation``), ``damformer`` without a file.
+        mosaic_patches: target test patches shown in the prediction mosaic PNG.
+    """
 
     interval: int = 50
     checkpoint_interval: int = 1000
+    tracking: bool = True
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    mosaic_patches: int = 4
 
 
 @dataclass

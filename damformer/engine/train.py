@@ -50,6 +50,8 @@ from damformer.eval.evaluate import evaluate, to_device
 from damformer.eval.metrics import SegmentationScores
 from damformer.models.factory import build_model
 from damformer.progress import progress
+from damformer.tracking import training as tracking
+from damformer.tracking.mlflow_tracker import Tracker, hostname
 from damformer.uda.dacs import SelfTraining
 
 log = logging.getLogger(__name__)
@@ -228,6 +230,8 @@ class Trainer:
             )
         self.iteration = 0
         self.overflow_steps = 0
+        self.tracker = Tracker.off()
+        self.tracking_run_id: str | None = None  # kept in checkpoints: a resumed run continues it
         self.history: list[dict[str, float]] = []
         self.evaluations: list[dict[str, Any]] = []
 
@@ -273,6 +277,7 @@ class Trainer:
             "student_digests": self._student_digests(),
             "history": self.history,
             "evaluations": self.evaluations,
+            "tracking_run_id": self.tracker.run_id or self.tracking_run_id,
         }
 
     def load_state_dict(self, state: dict[str, Any], *, where: Path) -> None:
@@ -315,6 +320,7 @@ class Trainer:
         self.overflow_steps = int(state.get("overflow_steps", 0))
         self.history = list(state["history"])
         self.evaluations = list(state["evaluations"])
+        self.tracking_run_id = state.get("tracking_run_id")
 
     def save(self) -> Path:
         """Write the checkpoint and the loss history (atomically, rank 0; every rank must call it)."""
@@ -424,7 +430,7 @@ class Trainer:
         """Score the student (or the teacher, with eval.teacher) on the target test set."""
         if self.test_set is None:
             return None
-        model = self.uda.teacher.model if (self.config.eval.teacher and self.uda.teacher) else self.model
+        model = self.eval_model
         result = evaluate(
             model,
             self.test_set,
@@ -443,6 +449,7 @@ class Trainer:
                 "iou": list(result.iou),
             }
         )
+        self.tracker.log_metrics(tracking.eval_metrics(result), step=self.iteration)
         log.info(
             "iteration %d: target mIoU %.2f, accuracy %.2f (%s)",
             self.iteration,
@@ -454,6 +461,59 @@ class Trainer:
 
     def run(self, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
         """Train to ``optim.max_iters``, or stop (with a checkpoint) once iteration ``stop_after`` is done."""
+        try:
+            result = self._run(resume=resume, stop_after=stop_after)
+        except BaseException:
+            self.tracker.finish("FAILED")
+            raise
+        if result.iterations >= self.config.optim.max_iters:
+            self.tracker.finish("FINISHED")
+        else:  # --stop-after: the run continues in a later job (--resume), under the same run id
+            self.tracker.set_tags({"damformer.stopped_at": str(result.iterations)})
+            self.tracker.finish("KILLED")
+        return result
+
+    def _start_tracking(self) -> None:
+        hostnames = gather_objects(self.dist, hostname())  # collective: every rank calls it
+        if not (self.dist.is_main and self.config.log.tracking):
+            return
+        self.tracker = tracking.start_tracking(
+            self.config,
+            self.output_dir,
+            run_id=self.tracking_run_id,
+            engine=self.engine_name,
+            world_size=self.dist.world_size,
+            hostnames=hostnames,
+        )
+        self.tracking_run_id = self.tracker.run_id or self.tracking_run_id
+
+    def _report_end(self, scores: SegmentationScores) -> None:
+        """Rank 0: scores.json, the figures, and the run's artifacts on the tracking server."""
+        atomic_write_bytes(
+            self.output_dir / "scores.json",
+            json.dumps({"miou": scores.miou, "accuracy": scores.accuracy, "iou": list(scores.iou)}).encode(),
+        )
+        figures = tracking.write_figures(
+            self.eval_model,
+            self.test_set,
+            scores,
+            self.output_dir,
+            patches=self.config.log.mosaic_patches,
+            autocast=self.autocast,
+            title=f"{tracking.run_name(self.config)}: target test, mIoU {100 * scores.miou:.2f}",
+        )
+        for path in figures:
+            self.tracker.log_artifact(path, "figures")
+        self.tracker.log_artifact(self.output_dir / "config.yaml")
+        self.tracker.log_artifact(self.output_dir / "history.json")
+        self.tracker.log_artifact(self.output_dir / CHECKPOINT_NAME, "checkpoint")
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The network scored on the target: the student, or the EMA teacher with eval.teacher."""
+        return self.uda.teacher.model if (self.config.eval.teacher and self.uda.teacher) else self.model
+
+    def _run(self, *, resume: bool, stop_after: int | None) -> TrainResult:
         config = self.config
         self.output_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = self.output_dir / CHECKPOINT_NAME
@@ -466,6 +526,7 @@ class Trainer:
             )
         if self.dist.is_main:
             dump_config(config, self.output_dir / "config.yaml")
+        self._start_tracking()
         log.info(
             "%d process(es) on %s, %s; global batch %d = %d per rank x %d rank(s) x %d accumulation",
             self.dist.world_size,
@@ -489,6 +550,11 @@ class Trainer:
                 rate = (done - first) / max(time.perf_counter() - started, 1e-9)
                 shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("iteration",))
                 log.info("it %d/%d %s (%.2f it/s)", done, config.optim.max_iters, shown, rate)
+                system = tracking.system_metrics(
+                    samples_per_second=rate * self.global_batch, device=self.device
+                )
+                logged = {k: v for k, v in metrics.items() if k != "iteration"}
+                self.tracker.log_metrics({**logged, **system}, step=done)
             if _due(done, config.eval.interval) and done < config.optim.max_iters:
                 self.evaluate()
             if _due(done, config.log.checkpoint_interval) or done == end:
@@ -498,10 +564,5 @@ class Trainer:
             scores = self.evaluate()
             self.save()
             if scores is not None and self.dist.is_main:
-                atomic_write_bytes(
-                    self.output_dir / "scores.json",
-                    json.dumps(
-                        {"miou": scores.miou, "accuracy": scores.accuracy, "iou": list(scores.iou)}
-                    ).encode(),
-                )
+                self._report_end(scores)
         return TrainResult(self.output_dir, self.iteration, self.history, scores)

@@ -62,6 +62,7 @@ def _overrides(shards: dict[str, Path], output: Path, **sections) -> list[str]:
         "eval.interval": 3,
         "log.interval": 1,
         "log.checkpoint_interval": 2,
+        "log.tracking": False,  # tests/tracking/ turn it on (an MLflow sqlite store costs ~3 s per run)
         "run.output_dir": str(output),
         "run.device": "cpu",
     }

@@ -1,0 +1,1 @@
+"""Experiment tracking: MLflow runs, their figures, and comparing runs."""

@@ -1,0 +1,129 @@
+"""PNG figures for runs: the confusion matrix and a mosaic of target patches (RGB | label | prediction).
+
+Both carry the FLAIR class names and colours, so a PNG is readable on its own (in the MLflow UI, a
+report, a chat). Written with matplotlib's Agg backend (no display) to a temporary file, then renamed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from damformer.data.classes import LandCoverClass
+
+IGNORE_INDEX = 255
+IGNORE_RGB = (255, 255, 255)  # unlabelled pixels: white, listed in the legend
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    try:
+        figure.savefig(tmp, dpi=110, bbox_inches="tight")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        _pyplot().close(figure)
+    return path
+
+
+def colourise(labels: np.ndarray, classes: Sequence[LandCoverClass]) -> np.ndarray:
+    """(H, W) class indices -> (H, W, 3) uint8 with the class colours; 255 (ignore) is white."""
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    palette[IGNORE_INDEX] = IGNORE_RGB
+    for cls in classes:
+        palette[cls.index] = cls.rgb
+    return palette[np.asarray(labels, dtype=np.uint8)]
+
+
+def confusion_png(
+    matrix: np.ndarray, classes: Sequence[LandCoverClass], path: Path, *, title: str = ""
+) -> Path:
+    """Row-normalised confusion matrix (each row: where that class's pixels went), in percent.
+
+    Rows are the true classes, columns the predicted ones; a class with no labelled pixels has an
+    empty row. Cell text is the percentage; the row label also gives the pixel count.
+    """
+    plt = _pyplot()
+    counts = np.asarray(matrix, dtype=np.float64)
+    totals = counts.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shares = np.where(totals > 0, 100.0 * counts / totals, np.nan)
+    n = len(classes)
+    figure, axes = plt.subplots(figsize=(0.62 * n + 4, 0.55 * n + 2.5))
+    image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=100)
+    names = [cls.name for cls in classes]
+    axes.set_xticks(range(n), names, rotation=50, ha="right", fontsize=8)
+    row_names = [f"{name} ({int(total):,} px)" for name, total in zip(names, totals[:, 0], strict=True)]
+    axes.set_yticks(range(n), row_names, fontsize=8)
+    for tick, cls in zip(axes.get_xticklabels(), classes, strict=True):
+        tick.set_bbox({"facecolor": np.array(cls.rgb) / 255, "alpha": 0.35, "pad": 1, "edgecolor": "none"})
+    for tick, cls in zip(axes.get_yticklabels(), classes, strict=True):
+        tick.set_bbox({"facecolor": np.array(cls.rgb) / 255, "alpha": 0.35, "pad": 1, "edgecolor": "none"})
+    for row in range(n):
+        for col in range(n):
+            value = shares[row, col]
+            if np.isfinite(value) and value >= 0.5:
+                colour = "white" if value > 60 else "black"
+                axes.text(col, row, f"{value:.0f}", ha="center", va="center", fontsize=7, color=colour)
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class (pixels)")
+    axes.set_title(title or "confusion matrix, % of each true class", fontsize=10)
+    figure.colorbar(image, ax=axes, fraction=0.04, label="% of the row")
+    return _save(figure, path)
+
+
+def mosaic_png(
+    rows: Sequence[tuple[np.ndarray, np.ndarray | None, np.ndarray]],
+    classes: Sequence[LandCoverClass],
+    path: Path,
+    *,
+    titles: Sequence[str] | None = None,
+) -> Path:
+    """A grid with one patch per row: aerial RGB | label | prediction, and a class colour legend.
+
+    Args:
+        rows: (RGB (H, W, 3) uint8, label (H, W) or None, prediction (H, W)) per patch.
+        classes: the classes (names, colours) of the label values.
+        path: the PNG to write.
+        titles: a caption per row (e.g. the patch id); optional.
+    """
+    plt = _pyplot()
+    from matplotlib.patches import Patch
+
+    height = 2.5 * len(rows) + 1.0  # inches: a row per patch, and the legend's four lines
+    figure, axes = plt.subplots(len(rows), 3, figsize=(7.5, height), squeeze=False)
+    for index, (rgb, label, prediction) in enumerate(rows):
+        panels = (
+            (rgb, "aerial RGB"),
+            (colourise(label, classes) if label is not None else None, "label"),
+            (colourise(prediction, classes), "prediction"),
+        )
+        for column, (image, name) in enumerate(panels):
+            ax = axes[index, column]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if image is None:
+                ax.text(0.5, 0.5, "no label", ha="center", va="center", transform=ax.transAxes)
+            else:
+                ax.imshow(image, interpolation="nearest")
+            caption = name if titles is None else f"{titles[index]}: {name}"
+            ax.set_title(caption, fontsize=8)
+    handles = [Patch(facecolor=np.array(cls.rgb) / 255, edgecolor="grey", label=cls.name) for cls in classes]
+    handles.append(Patch(facecolor=np.array(IGNORE_RGB) / 255, edgecolor="grey", label="unlabelled"))
+    figure.legend(handles=handles, loc="lower center", ncol=4, fontsize=7, frameon=False)
+    figure.subplots_adjust(bottom=1.0 / height, top=1.0 - 0.25 / height, hspace=0.25, wspace=0.05)
+    return _save(figure, path)

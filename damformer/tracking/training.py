@@ -1,0 +1,145 @@
+"""What a training run reports to MLflow: run name, tags, system metrics, eval metrics, figures."""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from damformer.config import RunConfig
+from damformer.data.classes import FLAIR_CLASSES
+from damformer.data.loader import LoaderOptions, ShardLoader, ShardSet
+from damformer.eval.metrics import SegmentationScores
+from damformer.models.damformer import model_inputs
+from damformer.tracking.figures import confusion_png, mosaic_png
+from damformer.tracking.mlflow_tracker import (
+    Tracker,
+    default_tracking_uri,
+    flatten,
+    git_commit,
+)
+
+CONFUSION_PNG = "confusion_matrix.png"
+MOSAIC_PNG = "prediction_mosaic.png"
+
+
+def _domains(selection: list[str] | None, folders: list[str]) -> str:
+    if selection:
+        return "+".join(selection)
+    return "+".join(Path(folder).name for folder in folders) or "-"
+
+
+def run_name(config: RunConfig) -> str:
+    """The ablation: model x inputs x source->target, e.g. ``DAM-Former RGB+NIR+E+T south->north``."""
+    data = config.data
+    source = _domains(data.source_domains, data.source)
+    target = _domains(data.target_domains, data.target or data.target_test)
+    mode = "" if config.uda.enabled else " (source only)"
+    return f"{config.model.name} {source}->{target}{mode}"
+
+
+def start_tracking(
+    config: RunConfig,
+    output_dir: Path,
+    *,
+    run_id: str | None,
+    engine: str,
+    world_size: int,
+    hostnames: Sequence[str],
+) -> Tracker:
+    """Open (or, on resume, continue) the run's MLflow run and log params and tags."""
+    log_config = config.log
+    uri = log_config.tracking_uri or default_tracking_uri(output_dir)
+    local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+    tags = {
+        "git_commit": git_commit(),
+        "world_size": str(world_size),
+        "engine": engine,
+        "precision": config.run.precision,
+        "hostnames": ",".join(sorted(set(hostnames))),
+        "model": config.model.name,
+        "bands": config.model.bands,
+        "temporal": str(config.model.temporal),
+        "uda": str(config.uda.enabled),
+        "output_dir": str(output_dir.resolve()),
+    }
+    tracker = Tracker(
+        uri,
+        log_config.experiment or "damformer",
+        run_name(config),
+        artifact_root=output_dir / "mlruns" if local else None,
+        run_id=run_id,
+        tags=tags,
+    )
+    tracker.log_params(flatten(config.to_dict()))
+    tracker.set_tags(tags)
+    return tracker
+
+
+def system_metrics(*, samples_per_second: float, device: torch.device) -> dict[str, float]:
+    """Throughput and peak memory of this process (rank 0's, for the tracking server)."""
+    metrics = {
+        "throughput_samples_per_s": samples_per_second,
+        # ru_maxrss is in KiB on Linux
+        "memory_cpu_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if device.type == "cuda":
+        metrics["memory_gpu_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return metrics
+
+
+def eval_metrics(scores: SegmentationScores) -> dict[str, float]:
+    """mIoU, accuracy and one ``iou_<class>`` per class (absent classes are left out)."""
+    metrics = {"miou": scores.miou, "accuracy": scores.accuracy}
+    for cls, value in zip(FLAIR_CLASSES, scores.iou, strict=False):
+        if np.isfinite(value):
+            metrics[f"iou_{cls.name.replace(' ', '_')}"] = float(value)
+    return metrics
+
+
+def _rgb(aerial: torch.Tensor) -> np.ndarray:
+    """(C, H, W) aerial with 0..255 values -> (H, W, 3) uint8."""
+    return aerial[:3].float().clamp(0, 255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+@torch.no_grad()
+def write_figures(
+    model: torch.nn.Module,
+    test_set: ShardSet,
+    scores: SegmentationScores,
+    output_dir: Path,
+    *,
+    patches: int,
+    autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    title: str = "",
+) -> list[Path]:
+    """The confusion matrix PNG and a mosaic of the first ``patches`` target test patches."""
+    classes = FLAIR_CLASSES[: scores.matrix.shape[0]]
+    written = [confusion_png(scores.matrix, classes, output_dir / CONFUSION_PNG, title=title)]
+    if patches < 1:
+        return written
+    loader = ShardLoader(
+        test_set, LoaderOptions(batch_size=patches, augment=False, pad=False, shuffle_buffer=1)
+    )
+    batch: dict[str, Any] = next(iter(loader))
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    was_training = model.training
+    model.eval()
+    with autocast():
+        prediction = model(*model_inputs(batch))["hr"].argmax(dim=1).cpu().numpy()
+    model.train(was_training)
+    labels = batch.get("label")
+    rows = [
+        (_rgb(batch["aerial"][i]), labels[i].cpu().numpy() if labels is not None else None, prediction[i])
+        for i in range(prediction.shape[0])
+    ]
+    titles = [str(key) for key in batch["keys"]] if "keys" in batch else None
+    written.append(mosaic_png(rows, classes, output_dir / MOSAIC_PNG, titles=titles))
+    return written

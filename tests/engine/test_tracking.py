@@ -1,0 +1,159 @@
+"""MLflow tracking: a real server receives a run, a dead server costs seconds, the local store resumes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+from PIL import Image
+from torchrun_helpers import clean_env, free_port
+
+from damformer.config import load_config
+from damformer.engine.train import Trainer
+from damformer.tracking.figures import confusion_png
+from damformer.tracking.mlflow_tracker import experiment_family
+
+pytestmark = pytest.mark.timeout(300)
+QUICK = {"optim": {"max_iters": 2}, "eval": {"interval": 0}, "log": {"tracking": True}}
+
+
+def _api(base: str, endpoint: str, body: dict | None = None, **query: str) -> dict:
+    url = f"{base}/api/2.0/mlflow/{endpoint}"
+    if query:
+        url += "?" + urllib.parse.urlencode(query)
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 with a sqlite store (stopped by process group)."""
+    port = free_port()
+    env = dict(clean_env(), MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    store = tmp_path / "server"
+    store.mkdir()
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--workers", "1", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}"]
+    command += ["--default-artifact-root", str(store / "artifacts")]
+    server = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            if server.poll() is not None:
+                pytest.fail(f"mlflow server exited: {server.stderr.read().decode()[-2000:]}")
+            time.sleep(0.5)
+    else:
+        os.killpg(server.pid, signal.SIGKILL)
+        pytest.fail("mlflow server did not answer /health within 90 s")
+    yield base
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+def test_a_real_server_receives_params_metrics_and_artifacts(mlflow_server, tiny_overrides, tmp_path):
+    config = tmp_path / "configs" / "north-study" / "damformer.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text("uda: {enabled: true}\n")
+    command = [sys.executable, "-m", "damformer", "-q", "train", str(config), "--tracking-uri", mlflow_server]
+    for assignment in tiny_overrides(tmp_path / "run", **QUICK):
+        command += ["--set", assignment]
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=clean_env(), timeout=240, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MLflow tracking" not in result.stderr, result.stderr  # no failure warning
+
+    experiments = _api(mlflow_server, "experiments/search", {"max_results": 10})["experiments"]
+    family = next(e for e in experiments if e["name"] == "north-study")  # the config's folder
+    runs = _api(mlflow_server, "runs/search", {"experiment_ids": [family["experiment_id"]]})["runs"]
+    assert len(runs) == 1
+    run = runs[0]
+    assert run["info"]["status"] == "FINISHED"
+    assert run["info"]["run_name"].startswith("DAM-Former RGB+NIR+E+T south->north")
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert params["data.batch_size"] == "2" and params["model.arch"] == "damformer"
+    assert params["optim.max_iters"] == "2" and params["uda.mic"] == "True"
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    assert tags["world_size"] == "1" and tags["engine"] == "single" and tags["precision"] == "fp32"
+    assert (tags["hostnames"] and len(tags["git_commit"]) in (7, 40)) or tags["git_commit"] == "unknown"
+    run_id = run["info"]["run_id"]
+    history = _api(mlflow_server, "metrics/get-history", run_id=run_id, metric_key="loss_source")["metrics"]
+    assert sorted(m["step"] for m in history) == [1, 2]
+    latest = {m["key"]: m for m in run["data"]["metrics"]}
+    assert {"lr", "pseudo_confidence", "throughput_samples_per_s", "memory_cpu_peak_mb", "miou"} <= set(
+        latest
+    )
+    assert any(key.startswith("iou_") for key in latest)
+    assert latest["miou"]["value"] == pytest.approx(
+        json.loads((tmp_path / "run" / "scores.json").read_text())["miou"]
+    )
+    listed = {f["path"] for f in _api(mlflow_server, "artifacts/list", run_id=run_id).get("files", [])}
+    assert {"config.yaml", "history.json", "figures", "checkpoint"} <= listed
+    figures = _api(mlflow_server, "artifacts/list", run_id=run_id, path="figures")["files"]
+    assert {f["path"] for f in figures} == {"figures/confusion_matrix.png", "figures/prediction_mosaic.png"}
+    assert all(int(f["file_size"]) > 5000 for f in figures)
+
+
+def test_a_dead_tracking_server_costs_seconds_not_minutes(tiny_overrides, tmp_path, caplog):
+    def timed(name: str, **log) -> float:
+        sections = {**QUICK, "log": {**QUICK["log"], **log}}
+        trainer = Trainer(load_config(None, tiny_overrides(tmp_path / name, **sections)))
+        started = time.perf_counter()
+        trainer.run()
+        return time.perf_counter() - started
+
+    untracked = timed("off", tracking=False)
+    dead = timed("dead", tracking_uri=f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    assert dead - untracked < 15, f"a dead tracking server added {dead - untracked:.1f} s"
+    assert "MLflow tracking at http://127.0.0.1" in caplog.text and "training continues" in caplog.text
+    assert (tmp_path / "dead" / "scores.json").is_file() and (tmp_path / "dead" / "history.json").is_file()
+
+
+def test_local_store_by_default_and_a_resumed_run_continues_its_mlflow_run(tiny_overrides, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    overrides = tiny_overrides(tmp_path / "run", **{**QUICK, "optim": {"max_iters": 3}})
+    Trainer(load_config(None, overrides)).run(stop_after=1)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("damformer").experiment_id])
+    assert run.info.status == "KILLED" and run.data.tags["damformer.stopped_at"] == "1"
+    Trainer(load_config(None, overrides)).run(resume=True)
+    (resumed,) = client.search_runs([client.get_experiment_by_name("damformer").experiment_id])
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss_source")]
+    assert sorted(steps) == [1, 2, 3]
+    assert (tmp_path / "run" / "mlruns").is_dir()  # artifacts next to the store, not in the cwd
+    for name in ("confusion_matrix.png", "prediction_mosaic.png"):
+        with Image.open(tmp_path / "run" / name) as image:
+            assert image.format == "PNG" and min(image.size) > 300
+
+
+def test_experiment_family_and_confusion_png(tmp_path):
+    assert experiment_family("configs/ablation/damformer-rgb.yaml") == "ablation"
+    assert experiment_family(os.devnull) == "damformer" and experiment_family(None) == "damformer"
+    from damformer.data.classes import FLAIR_CLASSES
+
+    matrix = [[5 if i == j else 1 for j in range(13)] for i in range(13)]
+    path = confusion_png(__import__("numpy").array(matrix), FLAIR_CLASSES, tmp_path / "c.png", title="t")
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+    assert not list(tmp_path.glob(".*tmp*")), "temporary file left behind"
