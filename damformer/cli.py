@@ -267,6 +267,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from damformer.tracking.compare import format_table, rows_from_folders, rows_from_mlflow
+
+    if bool(args.runs) == bool(args.tracking_uri):
+        raise _OptionError("give run folders, or --tracking-uri (with --experiment), not both")
+    if args.tracking_uri:
+        rows = rows_from_mlflow(args.tracking_uri, args.experiment)
+    else:
+        rows = rows_from_folders(args.runs)
+    print(format_table(rows))
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     from damformer.config import ConfigError, build_section
@@ -347,6 +360,22 @@ def _add_training_parsers(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--teacher", action="store_true", help="evaluate the EMA teacher instead")
     evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     evaluate.set_defaults(run=_cmd_evaluate)
+
+    compare = commands.add_parser(
+        "compare",
+        formatter_class=_Formatter,
+        help="table of runs side by side: model, inputs, mIoU, IoU per class",
+        description="Compare finished runs: from their folders (config.yaml + scores.json, no tracking "
+        "needed), or from the runs of one MLflow experiment. To browse them in the MLflow UI instead: "
+        "mlflow ui --backend-store-uri sqlite:///RUN_DIR/mlflow.db --host 127.0.0.1 (one run folder), "
+        "or train every run with --tracking-uri of one shared `mlflow server --host 127.0.0.1`.",
+        epilog="examples:\n  damformer compare runs/demo/runs/*\n"
+        "  damformer compare --tracking-uri http://127.0.0.1:5000 --experiment ablation",
+    )
+    compare.add_argument("runs", nargs="*", type=Path, metavar="RUN_DIR", help="run folders (run.output_dir)")
+    compare.add_argument("--tracking-uri", metavar="URI", help="read an MLflow store or server instead")
+    compare.add_argument("--experiment", default="damformer", help="MLflow experiment (with --tracking-uri)")
+    compare.set_defaults(run=_cmd_compare)
 
 
 def build_parser() -> argparse.ArgumentParser:

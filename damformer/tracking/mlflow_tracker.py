@@ -149,7 +149,7 @@ class Tracker:
             return
         try:
             action()
-        except Exception as exc:
+        except Exception as exc:  # tracking must never end a training run
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             log.warning(
                 "MLflow tracking at %s failed (%s: %s); training continues without it, metrics stay in "

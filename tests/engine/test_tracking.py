@@ -157,3 +157,36 @@ def test_experiment_family_and_confusion_png(tmp_path):
     with Image.open(path) as image:
         assert image.format == "PNG"
     assert not list(tmp_path.glob(".*tmp*")), "temporary file left behind"
+
+
+def test_compare_prints_runs_side_by_side_from_folders_and_from_mlflow(tiny_overrides, tmp_path):
+    from damformer.cli import main
+
+    for name, uda in (("source_only", False), ("uda", True)):
+        sections = {**QUICK, "uda": {"enabled": uda}, "log": {"tracking": True, "experiment": "study"}}
+        Trainer(load_config(None, tiny_overrides(tmp_path / name, **sections))).run()
+    folders = [str(tmp_path / "source_only"), str(tmp_path / "uda")]
+    result = subprocess.run(
+        [sys.executable, "-m", "damformer", "compare", *folders], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:7] == ["run", "model", "inputs", "training", "status", "mIoU", "acc"]
+    miou = json.loads((tmp_path / "uda" / "scores.json").read_text())["miou"]
+    uda_line = next(line for line in lines if line.startswith("uda "))
+    assert "DAM-Former" in uda_line and "rgbne+T  UDA" in uda_line and f"{100 * miou:.1f}" in uda_line
+    assert "source only" in next(line for line in lines if line.startswith("source_only "))
+
+    uri = f"sqlite:///{tmp_path / 'uda' / 'mlflow.db'}"
+    from_mlflow = subprocess.run(
+        [sys.executable, "-m", "damformer", "compare", "--tracking-uri", uri, "--experiment", "study"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert from_mlflow.returncode == 0, from_mlflow.stderr
+    assert "DAM-Former RGB+NIR+E+T" in from_mlflow.stdout and f"{100 * miou:.1f}" in from_mlflow.stdout
+    assert main(["compare", str(tmp_path / "nowhere")]) == 2  # a clear error, not a traceback
+    missing = subprocess.run(
+        [sys.executable, "-m", "damformer", "compare", "--tracking-uri", uri, "--experiment", "other"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert missing.returncode != 0 and "no experiment 'other' (there: " in missing.stderr
