@@ -255,6 +255,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 f"output: {config.run.output_dir}"
             )
         result = trainer.run(resume=args.resume, stop_after=args.stop_after)
+        if result.stopped and dist.is_main:
+            print(
+                f"stopped at iteration {result.iterations} of {config.optim.max_iters} on request "
+                f"({result.stopped}); the checkpoint is written: continue with --resume"
+            )
         if result.scores is not None and dist.is_main:
             print(
                 f"target test mIoU {100 * result.scores.miou:.2f}  "

@@ -160,6 +160,17 @@ def gather_objects(context: DistContext, value: Any) -> list[Any]:
     return gathered
 
 
+def any_rank(context: DistContext, flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on at least one."""
+    if not context.enabled:
+        return flag
+    tensor = torch.tensor([int(flag)])
+    if context.backend == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
 def broadcast_flag(context: DistContext, flag: bool) -> bool:
     """Rank 0's ``flag`` on every rank."""
     if not context.enabled:

@@ -46,6 +46,7 @@ from damformer.engine.distributed import (
     sum_over_ranks,
 )
 from damformer.engine.optim import build_optimizer, lr_factor, set_learning_rate
+from damformer.engine.stop import StopRequest
 from damformer.eval.evaluate import evaluate, to_device
 from damformer.eval.metrics import SegmentationScores
 from damformer.models.factory import build_model
@@ -136,6 +137,7 @@ class TrainResult:
     iterations: int
     history: list[dict[str, float]] = field(default_factory=list)
     scores: SegmentationScores | None = None
+    stopped: str | None = None  # why the run stopped early on request (a signal, the stop file)
 
 
 class Trainer:
@@ -462,13 +464,14 @@ class Trainer:
     def run(self, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
         """Train to ``optim.max_iters``, or stop (with a checkpoint) once iteration ``stop_after`` is done."""
         try:
-            result = self._run(resume=resume, stop_after=stop_after)
+            with StopRequest(self.dist) as stop:
+                result = self._run(resume=resume, stop_after=stop_after, stop=stop)
         except BaseException:
             self.tracker.finish("FAILED")
             raise
         if result.iterations >= self.config.optim.max_iters:
             self.tracker.finish("FINISHED")
-        else:  # --stop-after: the run continues in a later job (--resume), under the same run id
+        else:  # --stop-after or a stop request: a later job continues it (--resume), same run id
             self.tracker.set_tags({"damformer.stopped_at": str(result.iterations)})
             self.tracker.finish("KILLED")
         return result
@@ -513,7 +516,7 @@ class Trainer:
         """The network scored on the target: the student, or the EMA teacher with eval.teacher."""
         return self.uda.teacher.model if (self.config.eval.teacher and self.uda.teacher) else self.model
 
-    def _run(self, *, resume: bool, stop_after: int | None) -> TrainResult:
+    def _run(self, *, resume: bool, stop_after: int | None, stop: StopRequest) -> TrainResult:
         config = self.config
         self.output_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = self.output_dir / CHECKPOINT_NAME
@@ -557,8 +560,20 @@ class Trainer:
                 self.tracker.log_metrics({**logged, **system}, step=done)
             if _due(done, config.eval.interval) and done < config.optim.max_iters:
                 self.evaluate()
-            if _due(done, config.log.checkpoint_interval) or done == end:
-                self.save()
+            saved = False
+            if (_due(done, config.log.checkpoint_interval) or done == end) and done < config.optim.max_iters:
+                self.save()  # (the last iteration's checkpoint follows the final evaluation)
+                saved = True
+            if stop.requested():
+                reason = stop.reason() or "a request on another rank"
+                if not saved:
+                    self.save()
+                log.warning(
+                    "stopped at iteration %d on request (%s): checkpoint written, continue with --resume",
+                    done,
+                    reason,
+                )
+                return TrainResult(self.output_dir, self.iteration, self.history, None, stopped=reason)
         scores = None
         if self.iteration >= config.optim.max_iters:
             scores = self.evaluate()
