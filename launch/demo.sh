@@ -50,3 +50,7 @@ wait "$damformer_job"
 echo "== 7/7 results on the target (north) test split"
 damformer evaluate --checkpoint "$out/damformer/checkpoint.pt" --shards "$out/shards/north-test"
 python3 launch/demo_table.py "$out"
+echo
+echo "The same runs with IoU per class (damformer compare; each run is also in its MLflow store,"
+echo "e.g. mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///$(cd "$out" && pwd)/damformer/mlflow.db):"
+damformer compare "$out/source_only" "$out/uda" "$out/damformer"
