@@ -272,6 +272,74 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from damformer.data.classes import FLAIR_CLASSES
+    from damformer.engine.distributed import init_distributed, sum_over_ranks, teardown
+    from damformer.engine.train import _precision, resolve_device
+    from damformer.predict.run import (
+        Outputs,
+        SentinelStack,
+        check_mosaic,
+        load_model,
+        predict_flair2,
+        predict_mosaic,
+    )
+    from damformer.predict.sliding import PatchPredictor
+
+    model, model_config, state = load_model(args.checkpoint, teacher=args.teacher)
+    if model_config.num_classes > len(FLAIR_CLASSES):
+        raise _OptionError(
+            f"{args.checkpoint}: {model_config.num_classes} classes; "
+            f"the maps know the {len(FLAIR_CLASSES)} FLAIR classes"
+        )
+    flair2 = len(args.src) == 1 and args.src[0].is_dir()
+    missing = [str(path) for path in args.src if not path.exists()]
+    if missing:
+        raise _OptionError(f"--src: not found: {', '.join(missing)}")
+    stack = SentinelStack.open(args.s2, args.s2_dates) if args.s2 else None
+    if args.s2 and not args.s2_dates:
+        raise _OptionError("--s2 needs --s2-dates (a text file, one YYYY-MM-DD per line, one per date)")
+    if not flair2:
+        for path in args.src:
+            check_mosaic(path, model_config, stack)
+    stride = args.stride or max(1, args.window * 3 // 4)
+    if not 1 <= stride <= args.window:
+        raise _OptionError(f"--stride {stride}: expected 1..--window ({args.window})")
+    device = resolve_device(args.device)
+    dist = init_distributed(device)
+    try:
+        autocast, _ = _precision(args.precision, device)
+        predictor = PatchPredictor(model, device, autocast=autocast, flips=args.tta)
+        outputs = Outputs(args.out, probabilities=args.probabilities, quicklook=args.quicklook,
+                          overwrite=args.overwrite)  # fmt: skip
+        if flair2:
+            result = predict_flair2(
+                args.src[0], model, model_config, outputs, predictor=predictor, split=args.split,
+                domains=args.domains, batch_size=args.batch_size, rank=dist.rank, world_size=dist.world_size,
+                reduce=lambda matrix: sum_over_ranks(dist, matrix),
+            )  # fmt: skip
+            if dist.is_main:
+                print(f"{model_config.name} (iteration {state['iteration']}): maps in {args.out}")
+                if result is not None:
+                    print(result.table([c.name for c in FLAIR_CLASSES][: model_config.num_classes]))
+        else:
+            mine = args.src[dist.rank :: dist.world_size]
+            from damformer.predict.geotiff import check_writable
+
+            check_writable([p for path in mine for p in outputs.paths(path.stem)], overwrite=args.overwrite)
+            for path in mine:
+                written = predict_mosaic(
+                    path, model_config, outputs, predictor=predictor, window=args.window, stride=stride,
+                    batch_size=args.batch_size, stack=stack, show_progress=dist.is_main,
+                )  # fmt: skip
+                print(f"{path} -> {written}")
+    except BaseException:
+        teardown(dist, wait=False)
+        raise
+    teardown(dist)
+    return 0
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from damformer.tracking.compare import format_table, rows_from_folders, rows_from_mlflow
 
@@ -287,22 +355,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
 
-    from damformer.config import ConfigError, build_section
     from damformer.data.classes import FLAIR_CLASSES
     from damformer.data.loader import ShardSet
-    from damformer.engine.checkpoint import load_checkpoint
     from damformer.engine.train import resolve_device
     from damformer.eval.evaluate import evaluate
-    from damformer.models.factory import ModelConfig, build_model
+    from damformer.predict.run import load_model
 
-    state = load_checkpoint(args.checkpoint)
-    model_config = build_section(ModelConfig, state["config"]["model"], "model")
-    model = build_model(model_config)
-    prefix = "student." if not args.teacher else "teacher.model."
-    weights = {k.removeprefix(prefix): v for k, v in state["uda"].items() if k.startswith(prefix)}
-    if not weights:
-        raise ConfigError(f"{args.checkpoint}: no {'teacher' if args.teacher else 'student'} weights in it")
-    model.load_state_dict(weights)
+    model, model_config, state = load_model(args.checkpoint, teacher=args.teacher)
     device = resolve_device(args.device)
     model.to(device)
     shard_set = ShardSet(args.shards, domains=args.domains)
@@ -365,6 +424,43 @@ def _add_training_parsers(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--teacher", action="store_true", help="evaluate the EMA teacher instead")
     evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     evaluate.set_defaults(run=_cmd_evaluate)
+
+    predict = commands.add_parser(
+        "predict",
+        formatter_class=_Formatter,
+        help="write georeferenced land-cover maps (GeoTIFF) from a checkpoint",
+        description="Predict FLAIR-2 patches (a FLAIR-2 folder: each patch with its own Sentinel-2 series, "
+        "maps in OUT/DOMAIN/ZONE/PRED_xxx.tif, scored when labels exist) or large aerial GeoTIFFs "
+        "(sliding windows with overlap and blending; +T models also need --s2 and --s2-dates). Each map is "
+        "a uint8 GeoTIFF with the input's CRS and transform, DEFLATE, tiled, with a colour table and a "
+        "QGIS style (.qml) naming the classes. Existing outputs are never replaced without --overwrite. "
+        "Under torchrun the inputs are split across the ranks.",
+        epilog="examples:\n"
+        "  damformer predict --checkpoint runs/demo/damformer/checkpoint.pt \\\n"
+        "      --src runs/demo/flair2 --out maps\n"
+        "  damformer predict --checkpoint CKPT --src ortho.tif --out maps --window 512 --stride 384 --tta\n"
+        "  torchrun --nproc_per_node=4 -m damformer predict --checkpoint CKPT --src t/*.tif --out maps",
+    )
+    predict.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.pt of a run")
+    predict.add_argument(
+        "--src", type=Path, nargs="+", required=True, help="a FLAIR-2 folder, or aerial GeoTIFFs"
+    )
+    predict.add_argument("--out", type=Path, required=True, help="output folder")
+    predict.add_argument("--split", default="test", choices=["train", "test"], help="FLAIR-2 split to map")
+    predict.add_argument("--domains", nargs="+", help="FLAIR-2 domains (ids, prefixes, north/south)")
+    predict.add_argument("--window", type=int, default=512, help="sliding window side (pixels), GeoTIFFs")
+    predict.add_argument("--stride", type=int, help="step between windows (default: 3/4 of --window)")
+    predict.add_argument("--batch-size", type=int, default=4, help="patches or windows per forward pass")
+    predict.add_argument("--tta", action="store_true", help="average over horizontal/vertical flips")
+    predict.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="AMP")
+    predict.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    predict.add_argument("--teacher", action="store_true", help="use the EMA teacher's weights")
+    predict.add_argument("--probabilities", action="store_true", help="also NAME_proba.tif (16-bit floats)")
+    predict.add_argument("--quicklook", action="store_true", help="also NAME.png (colourised map)")
+    predict.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    predict.add_argument("--s2", type=Path, help="Sentinel-2 stack GeoTIFF (T x 10 bands) for +T models")
+    predict.add_argument("--s2-dates", type=Path, help="its dates: one YYYY-MM-DD per line")
+    predict.set_defaults(run=_cmd_predict)
 
     compare = commands.add_parser(
         "compare",

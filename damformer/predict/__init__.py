@@ -1,0 +1,1 @@
+"""Inference: georeferenced land-cover maps from checkpoints (damformer predict)."""
