@@ -287,11 +287,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from damformer.predict.sliding import PatchPredictor
 
     model, model_config, state = load_model(args.checkpoint, teacher=args.teacher)
-    if model_config.num_classes > len(FLAIR_CLASSES):
-        raise _OptionError(
-            f"{args.checkpoint}: {model_config.num_classes} classes; "
-            f"the maps know the {len(FLAIR_CLASSES)} FLAIR classes"
-        )
     flair2 = len(args.src) == 1 and args.src[0].is_dir()
     missing = [str(path) for path in args.src if not path.exists()]
     if missing:

@@ -88,12 +88,23 @@ def load_model(checkpoint: Path, *, teacher: bool = False) -> tuple[torch.nn.Mod
     """The student (or EMA teacher) of a checkpoint, with its model config and the checkpoint state."""
     state = load_checkpoint(checkpoint)
     model_config = build_section(ModelConfig, state["config"]["model"], "model")
+    if model_config.num_classes != len(FLAIR_CLASSES):
+        raise ConfigError(
+            f"{checkpoint}: a model of {model_config.num_classes} classes; maps, colours and scores here are "
+            f"for the {len(FLAIR_CLASSES)} FLAIR classes"
+        )
     model = build_model(model_config)
     prefix = "teacher.model." if teacher else "student."
     weights = {k.removeprefix(prefix): v for k, v in state["uda"].items() if k.startswith(prefix)}
     if not weights:
         raise ConfigError(f"{checkpoint}: no {'teacher' if teacher else 'student'} weights in it")
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1:2] or [str(exc)[:200]]
+        raise ConfigError(
+            f"{checkpoint}: its weights do not fit its own model config ({first[0].strip()})"
+        ) from None
     return model, model_config, state
 
 

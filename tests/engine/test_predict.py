@@ -219,3 +219,16 @@ def test_torchrun_splits_the_patches_across_ranks(checkpoints, tiny_shards, tmp_
         with rasterio.open(out / name) as a, rasterio.open(single / name) as b:
             assert np.array_equal(a.read(), b.read())
     assert result.stdout.count("mIoU") == 1  # rank 0 prints the scores summed over the ranks
+
+
+def test_a_checkpoint_of_another_class_count_is_refused(checkpoints, tiny_shards, tmp_path, capsys):
+    from damformer.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(checkpoints["aerial"])
+    state.pop("format")
+    state["config"]["model"]["num_classes"] = 19  # FLAIR's raw classes
+    save_checkpoint(tmp_path / "other.pt", state)
+    args = ["predict", "--checkpoint", str(tmp_path / "other.pt"), "--src", str(_root(tiny_shards))]
+    assert main([*args, "--out", str(tmp_path / "maps")]) == 2
+    assert "a model of 19 classes" in capsys.readouterr().err
+    assert not (tmp_path / "maps").exists()
