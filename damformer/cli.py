@@ -291,9 +291,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     missing = [str(path) for path in args.src if not path.exists()]
     if missing:
         raise _OptionError(f"--src: not found: {', '.join(missing)}")
-    stack = SentinelStack.open(args.s2, args.s2_dates) if args.s2 else None
     if args.s2 and not args.s2_dates:
         raise _OptionError("--s2 needs --s2-dates (a text file, one YYYY-MM-DD per line, one per date)")
+    stack = SentinelStack.open(args.s2, args.s2_dates) if args.s2 else None
     if not flair2:
         for path in args.src:
             check_mosaic(path, model_config, stack)

@@ -160,6 +160,8 @@ def test_bad_inputs_fail_before_any_compute(checkpoints, tiny_shards, tmp_path, 
         == 2
     )
     assert "CRS mismatch" in capsys.readouterr().err
+    assert main([*temporal, str(tmp_path / "c"), "--src", str(mosaic), "--s2", str(wrong_crs)]) == 2
+    assert "--s2 needs --s2-dates" in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in ("a", "b", "c"))
     # and the right stack works: 12.8 m windows in a 40-pixel crop around each window's centre
     stack_path = _write(
