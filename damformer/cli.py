@@ -275,14 +275,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from damformer.data.classes import FLAIR_CLASSES
     from damformer.engine.distributed import init_distributed, sum_over_ranks, teardown
-    from damformer.engine.train import _precision, resolve_device
+    from damformer.engine.train import amp_context, resolve_device
     from damformer.predict.run import (
         Outputs,
         SentinelStack,
         check_mosaic,
         load_model,
         predict_flair2,
-        predict_mosaic,
+        predict_mosaics,
     )
     from damformer.predict.sliding import PatchPredictor
 
@@ -303,7 +303,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dist = init_distributed(device)
     try:
-        autocast, _ = _precision(args.precision, device)
+        autocast, _ = amp_context(args.precision, device)
         predictor = PatchPredictor(model, device, autocast=autocast, flips=args.tta)
         outputs = Outputs(args.out, probabilities=args.probabilities, quicklook=args.quicklook,
                           overwrite=args.overwrite)  # fmt: skip
@@ -318,16 +318,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 if result is not None:
                     print(result.table([c.name for c in FLAIR_CLASSES][: model_config.num_classes]))
         else:
-            mine = args.src[dist.rank :: dist.world_size]
-            from damformer.predict.geotiff import check_writable
-
-            check_writable([p for path in mine for p in outputs.paths(path.stem)], overwrite=args.overwrite)
-            for path in mine:
-                written = predict_mosaic(
-                    path, model_config, outputs, predictor=predictor, window=args.window, stride=stride,
-                    batch_size=args.batch_size, stack=stack, show_progress=dist.is_main,
-                )  # fmt: skip
-                print(f"{path} -> {written}")
+            written = predict_mosaics(
+                args.src, model_config, outputs, predictor=predictor, window=args.window, stride=stride,
+                batch_size=args.batch_size, stack=stack, rank=dist.rank, world_size=dist.world_size,
+            )  # fmt: skip
+            for source, path in zip(args.src[dist.rank :: dist.world_size], written, strict=True):
+                print(f"{source} -> {path}")
     except BaseException:
         teardown(dist, wait=False)
         raise

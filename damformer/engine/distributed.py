@@ -140,13 +140,17 @@ def mean_over_ranks(context: DistContext, values: dict[str, float]) -> dict[str,
     return {k: float(v) / context.world_size for k, v in zip(keys, tensor.tolist(), strict=True)}
 
 
+def _on_backend(context: DistContext, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` where the process group's collectives expect it (nccl: the current GPU)."""
+    return tensor.cuda() if context.backend == "nccl" else tensor
+
+
 def sum_over_ranks(context: DistContext, tensor: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over the ranks (confusion matrices), returned on its original device."""
     if not context.enabled:
         return tensor
     reduced = tensor.detach().to(torch.float64 if tensor.is_floating_point() else torch.int64).clone()
-    if context.backend == "nccl":
-        reduced = reduced.cuda()
+    reduced = _on_backend(context, reduced)
     dist.all_reduce(reduced)
     return reduced.to(tensor.device, tensor.dtype)
 
@@ -164,9 +168,7 @@ def any_rank(context: DistContext, flag: bool) -> bool:
     """True on every rank when ``flag`` is True on at least one."""
     if not context.enabled:
         return flag
-    tensor = torch.tensor([int(flag)])
-    if context.backend == "nccl":
-        tensor = tensor.cuda()
+    tensor = _on_backend(context, torch.tensor([int(flag)]))
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item())
 
@@ -175,8 +177,6 @@ def broadcast_flag(context: DistContext, flag: bool) -> bool:
     """Rank 0's ``flag`` on every rank."""
     if not context.enabled:
         return flag
-    tensor = torch.tensor([int(flag)])
-    if context.backend == "nccl":
-        tensor = tensor.cuda()
+    tensor = _on_backend(context, torch.tensor([int(flag)]))
     dist.broadcast(tensor, src=0)
     return bool(tensor.item())

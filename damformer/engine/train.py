@@ -115,7 +115,7 @@ def _check_footprint(footprint: float, shard_set: ShardSet) -> None:
         )
 
 
-def _precision(name: str, device: torch.device) -> tuple[Any, torch.amp.GradScaler | None]:
+def amp_context(name: str, device: torch.device) -> tuple[Any, torch.amp.GradScaler | None]:
     """(autocast context factory, GradScaler or None) for ``run.precision``."""
     if name == "fp32":
         return contextlib.nullcontext, None
@@ -157,7 +157,7 @@ class Trainer:
         self.device = resolve_device(config.run.device)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
-        self.autocast, self.scaler = _precision(config.run.precision, self.device)
+        self.autocast, self.scaler = amp_context(config.run.precision, self.device)
         if config.dist.sync_bn and self.dist.enabled and self.device.type != "cuda":
             raise ConfigError("dist.sync_bn: SyncBatchNorm needs CUDA devices; set dist.sync_bn=false on CPU")
         self.source_set, self.target_set, self.test_set = open_shard_sets(config)

@@ -311,3 +311,28 @@ def predict_mosaic(
     )
     outputs.write(path.stem, probabilities, crs=crs, transform=transform)
     return outputs.folder / f"{path.stem}.tif"
+
+
+def predict_mosaics(
+    paths: Sequence[Path],
+    model_config: ModelConfig,
+    outputs: Outputs,
+    *,
+    predictor: PatchPredictor,
+    window: int,
+    stride: int,
+    batch_size: int = 4,
+    stack: SentinelStack | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[Path]:
+    """This rank's share of the GeoTIFFs, after checking none of its outputs exists (unless overwrite)."""
+    mine = list(paths[rank::world_size])
+    check_writable([p for path in mine for p in outputs.paths(path.stem)], overwrite=outputs.overwrite)
+    return [
+        predict_mosaic(
+            path, model_config, outputs, predictor=predictor, window=window, stride=stride,
+            batch_size=batch_size, stack=stack, show_progress=rank == 0,
+        )
+        for path in mine
+    ]  # fmt: skip

@@ -10,6 +10,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+import numpy as np
 import pytest
 from PIL import Image
 from torchrun_helpers import clean_env, free_port
@@ -153,7 +154,7 @@ def test_experiment_family_and_confusion_png(tmp_path):
     from damformer.data.classes import FLAIR_CLASSES
 
     matrix = [[5 if i == j else 1 for j in range(13)] for i in range(13)]
-    path = confusion_png(__import__("numpy").array(matrix), FLAIR_CLASSES, tmp_path / "c.png", title="t")
+    path = confusion_png(np.array(matrix), FLAIR_CLASSES, tmp_path / "c.png", title="t")
     with Image.open(path) as image:
         assert image.format == "PNG"
     assert not list(tmp_path.glob(".*tmp*")), "temporary file left behind"
