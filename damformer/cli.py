@@ -277,6 +277,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from damformer.engine.distributed import init_distributed, sum_over_ranks, teardown
     from damformer.engine.train import amp_context, resolve_device
     from damformer.predict.run import (
+        MosaicOptions,
         Outputs,
         SentinelStack,
         check_mosaic,
@@ -318,9 +319,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 if result is not None:
                     print(result.table([c.name for c in FLAIR_CLASSES][: model_config.num_classes]))
         else:
+            options = MosaicOptions(args.window, stride, args.batch_size, stack)
             written = predict_mosaics(
-                args.src, model_config, outputs, predictor=predictor, window=args.window, stride=stride,
-                batch_size=args.batch_size, stack=stack, rank=dist.rank, world_size=dist.world_size,
+                args.src, model_config, outputs, options, predictor=predictor, rank=dist.rank,
+                world_size=dist.world_size,
             )  # fmt: skip
             for source, path in zip(args.src[dist.rank :: dist.world_size], written, strict=True):
                 print(f"{source} -> {path}")

@@ -271,16 +271,23 @@ def check_mosaic(path: Path, model: ModelConfig, stack: SentinelStack | None) ->
         )
 
 
+@dataclass(frozen=True)
+class MosaicOptions:
+    """Sliding windows over large GeoTIFFs: side and step (pixels), windows per pass, Sentinel-2 stack."""
+
+    window: int = 512
+    stride: int = 384
+    batch_size: int = 4
+    stack: SentinelStack | None = None
+
+
 def predict_mosaic(
     path: Path,
     model_config: ModelConfig,
     outputs: Outputs,
+    options: MosaicOptions,
     *,
     predictor: PatchPredictor,
-    window: int,
-    stride: int,
-    batch_size: int = 4,
-    stack: SentinelStack | None = None,
     show_progress: bool = True,
 ) -> Path:
     """Predict one aerial GeoTIFF (sliding windows) into ``OUT/<name>.tif``."""
@@ -292,8 +299,9 @@ def predict_mosaic(
             f"{path}: dtype {aerial.dtype}, expected uint8 (FLAIR-2 aerial values 0..255)"
         )
     temporal = None
+    stack = options.stack
     if model_config.temporal and stack is not None:
-        crop = s2_crop_size(model_config, window, abs(transform.a))
+        crop = s2_crop_size(model_config, options.window, abs(transform.a))
 
         def temporal(row: int, col: int, size: int) -> dict[str, np.ndarray]:
             x, y = transform @ (col + size / 2, row + size / 2)
@@ -303,9 +311,9 @@ def predict_mosaic(
         aerial,
         predictor,
         num_classes=model_config.num_classes,
-        window=window,
-        stride=stride,
-        batch_size=batch_size,
+        window=options.window,
+        stride=options.stride,
+        batch_size=options.batch_size,
         temporal=temporal,
         progress=(lambda it: progress(it, desc=path.name, unit="batch")) if show_progress else None,
     )
@@ -317,12 +325,9 @@ def predict_mosaics(
     paths: Sequence[Path],
     model_config: ModelConfig,
     outputs: Outputs,
+    options: MosaicOptions,
     *,
     predictor: PatchPredictor,
-    window: int,
-    stride: int,
-    batch_size: int = 4,
-    stack: SentinelStack | None = None,
     rank: int = 0,
     world_size: int = 1,
 ) -> list[Path]:
@@ -330,9 +335,6 @@ def predict_mosaics(
     mine = list(paths[rank::world_size])
     check_writable([p for path in mine for p in outputs.paths(path.stem)], overwrite=outputs.overwrite)
     return [
-        predict_mosaic(
-            path, model_config, outputs, predictor=predictor, window=window, stride=stride,
-            batch_size=batch_size, stack=stack, show_progress=rank == 0,
-        )
+        predict_mosaic(path, model_config, outputs, options, predictor=predictor, show_progress=rank == 0)
         for path in mine
-    ]  # fmt: skip
+    ]
