@@ -91,6 +91,9 @@ def _config(folder: Path, host: str, cpus: int) -> str:
             f"SlurmctldPort={_free_port()}",
             f"SlurmdPort={_free_port()}",
             "AuthType=auth/munge",
+            # A requeued job waits out the revoked credential of its last run (default 120 s); releasing
+            # it sooner by hand makes slurmd refuse it ("Job credential revoked").
+            "AuthInfo=cred_expire=10",
             "CredType=cred/munge",
             "MpiDefault=none",
             "ProctrackType=proctrack/linuxproc",
