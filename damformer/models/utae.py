@@ -148,9 +148,10 @@ def group_attention(x_btchw: torch.Tensor, attention: torch.Tensor, mask_bt: tor
     weights = attention.reshape(heads * batch, steps, *attention.shape[-2:])
     if weights.shape[-2:] != size:
         weights = F.interpolate(weights, size=size, mode="bilinear", align_corners=False)
-    weights = weights.reshape(heads, batch, steps, 1, *size) * mask_bt[None, :, :, None, None, None]
-    groups = torch.stack(x_btchw.chunk(heads, dim=2))  # (heads, B, T, C / heads, H, W)
-    return (weights * groups).sum(dim=2).permute(1, 0, 2, 3, 4).reshape(batch, -1, *size)
+    weights = weights.reshape(heads, batch, steps, *size) * mask_bt[None, :, :, None, None]
+    # head h weighs channel group h: a view (B, T, heads, C / heads, H, W), no copy of the skip map
+    groups = x_btchw.unflatten(2, (heads, -1))
+    return (weights.permute(1, 2, 0, 3, 4).unsqueeze(3) * groups).sum(dim=1).flatten(1, 2)
 
 
 class UTAE(nn.Module):
@@ -203,10 +204,14 @@ class UTAE(nn.Module):
 
     def _encode(self, s2: torch.Tensor, mask_bt: torch.Tensor) -> list[torch.Tensor]:
         """Spatial encoder on real dates only; padded dates come back as zeros, per level (B, T, C, H, W)."""
-        frames = s2[mask_bt]  # (real dates, C, H, W)
+        dense = bool(mask_bt.all())
+        # no padding in the batch: fold time into the batch as a view (gather and scatter copy every level)
+        frames = s2.flatten(0, 1) if dense else s2[mask_bt]  # (real dates, C, H, W)
         levels = [self.in_conv(frames)]
         for block in self.down:
             levels.append(block(levels[-1]))
+        if dense:
+            return [level.unflatten(0, mask_bt.shape) for level in levels]
         out = []
         for level in levels:
             full = level.new_zeros(*mask_bt.shape, *level.shape[1:])
