@@ -48,8 +48,10 @@ test: lint
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m damformer.engine.deepspeed_engine
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
 
+# The CPU suite (about 12 minutes on 2 cores): detailed tables per script, then one summary of ratios.
 bench: install
-	$(BIN)/python benchmarks/bench_loader.py
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m damformer.engine.deepspeed_engine
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python benchmarks/run_all.py
 
 clean-demo:
 	rm -rf "$(DEMO_DIR)"

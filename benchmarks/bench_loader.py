@@ -20,6 +20,7 @@ import argparse
 import gzip
 import io
 import statistics
+import sys
 import tempfile
 import time
 import zlib
@@ -29,6 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import write_json
 
 from damformer.data import Flair2Dataset
 from damformer.data.collate import collate_samples
@@ -115,6 +120,7 @@ def main() -> None:
     parser.add_argument("--patches", type=int, default=32, help="full-size patches (split over 2 domains)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (median reported)")
     parser.add_argument("--workdir", type=Path, help="keep the data here (default: a temporary folder)")
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args()
     set_quiet(True)
     torch.set_num_threads(1)
@@ -174,6 +180,17 @@ def main() -> None:
         f"\n== sharding: {count / shard_seconds:.1f} patches/s with 1 worker; "
         f"{shard_bytes / 1e6:.2f} MB per sample in shards vs {raw_bytes / 1e6:.2f} MB per patch in the "
         "raw tree (superpatches hold every date of the whole zone)"
+    )
+    write_json(
+        args.json,
+        {
+            "samples_per_s": rate,
+            "shard_over_raw": ratio,
+            "shard_over_raw_augmented": ratio_aug,
+            "sharding_patches_per_s": count / shard_seconds,
+            "shard_bytes_per_sample": shard_bytes,
+            "raw_bytes_per_sample": raw_bytes,
+        },
     )
     print("\n== encodings of one sample's fields (decode = decompress + np.load + cast to float32)")
     print(f"{'field':<34}{'encoding':<22}{'bytes':>12}{'ratio':>8}{'decode ms':>11}")

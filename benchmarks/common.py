@@ -86,7 +86,7 @@ def interleaved_seconds(
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def _rss_bytes() -> int:
+def peak_rss_bytes() -> int:
     """This process's peak resident set size. VmHWM, not ``ru_maxrss``: Linux carries ``ru_maxrss`` over
     from the parent through fork and exec, so a child of a large parent would report the parent's peak."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -105,9 +105,9 @@ def measure_peak(factory: StepFactory, device: torch.device) -> int:
         step()
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    before = _rss_bytes()
+    before = peak_rss_bytes()
     step()
-    return _rss_bytes() - before
+    return peak_rss_bytes() - before
 
 
 def child_peak_bytes(script: str, case: str, args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
