@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from damformer.progress import set_quiet
 log = logging.getLogger("damformer")
 
 EXIT_USAGE = 2
+EXIT_STOPPED = 75  # sysexits.h EX_TEMPFAIL: stopped on request with a checkpoint; run again with --resume
 EXIT_INTERRUPTED = 130
 
 
@@ -269,6 +271,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         teardown(dist, wait=False)  # a failed rank must not wait for peers that may be gone
         raise
     teardown(dist)
+    if result.stopped and "TORCHELASTIC_RUN_ID" not in os.environ:
+        # "stopped early, resume me" (EX_TEMPFAIL). Not under torchrun: there a non-zero exit would make
+        # it restart the workers, so they exit 0 and slurm/train.sh requeues (it raised the stop itself).
+        return EXIT_STOPPED
     return 0
 
 
@@ -367,6 +373,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from damformer.tracking.ui import serve
+
+    return serve(args.run_dir, host=args.host, port=args.port)
+
+
 def _add_training_parsers(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser(
         "train",
@@ -378,7 +390,9 @@ def _add_training_parsers(commands: argparse._SubParsersAction) -> None:
         epilog="examples:\n"
         "  damformer train configs/demo/damformer.yaml\n"
         "  damformer train configs/demo/damformer.yaml --set optim.max_iters=100 --set uda.enabled=false\n"
-        "  damformer train configs/demo/damformer.yaml --resume",
+        "  damformer train configs/demo/damformer.yaml --resume\n"
+        "\nSIGTERM, SIGUSR1 or the file named by DAMFORMER_STOP_FILE stops the run after the current step\n"
+        "with a checkpoint: exit code 75 (EX_TEMPFAIL, 'resume me'; 0 under torchrun). Errors: exit 2.",
     )
     train.add_argument("config", type=Path, help="YAML run config")
     train.add_argument(
@@ -470,6 +484,22 @@ def _add_training_parsers(commands: argparse._SubParsersAction) -> None:
     compare.add_argument("--tracking-uri", metavar="URI", help="read an MLflow store or server instead")
     compare.add_argument("--experiment", default="damformer", help="MLflow experiment (with --tracking-uri)")
     compare.set_defaults(run=_cmd_compare)
+
+    ui = commands.add_parser(
+        "ui",
+        formatter_class=_Formatter,
+        help="browse one run folder in the MLflow UI (bound to 127.0.0.1)",
+        description="Start the MLflow UI over RUN_DIR/mlflow.db, the store every run writes by default. "
+        "It listens on 127.0.0.1 only: MLflow has no authentication. From your laptop, tunnel to it: "
+        "ssh -L 5000:127.0.0.1:5000 NODE, then open http://127.0.0.1:5000.",
+        epilog="examples:\n  damformer ui runs/demo/runs/damformer\n  damformer ui runs/x --port 5001",
+    )
+    ui.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (run.output_dir)")
+    ui.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    ui.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others warn: no auth)"
+    )
+    ui.set_defaults(run=_cmd_ui)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,7 +27,7 @@ from damformer.data.flair2 import Flair2Dataset
 from damformer.data.manifest import MANIFEST_NAME, ShardStats, build_manifest, load_manifest
 from damformer.data.shard_format import FORMAT_VERSION, ShardFormatError, decode_sample, encode_sample
 from damformer.data.shard_io import atomic_write_bytes, iter_tar_samples, sha256_file, write_tar
-from damformer.errors import OutputExistsError
+from damformer.errors import DamformerError, OutputExistsError
 from damformer.progress import progress
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,10 @@ def _write_shard(args: tuple[Path, ShardJob, str]) -> dict[str, Any]:
             yield sample.patch_id, encode_sample(sample)
 
     try:
-        write_tar(tmp, samples())
+        try:
+            write_tar(tmp, samples())
+        except OSError as exc:  # disk full, quota, permissions: nothing of this shard stays
+            raise _write_failed(tar, exc) from None
         record = {
             "name": job.name,
             "domain": job.domain,
@@ -173,8 +176,23 @@ def _write_shard(args: tuple[Path, ShardJob, str]) -> dict[str, Any]:
         tmp.replace(tar)
     finally:
         tmp.unlink(missing_ok=True)
-    atomic_write_bytes(out / f"{job.name}.json", json.dumps(record).encode())
+    try:
+        atomic_write_bytes(out / f"{job.name}.json", json.dumps(record).encode())
+    except OSError as exc:
+        tar.unlink(missing_ok=True)  # a shard without its sidecar would only be re-verified: drop it now
+        raise _write_failed(out / f"{job.name}.json", exc) from None
     return record | {"skipped": False}
+
+
+class ShardWriteError(DamformerError):
+    """A shard, its sidecar or the manifest could not be written (disk full, quota, permissions)."""
+
+
+def _write_failed(path: Path, exc: OSError) -> ShardWriteError:
+    return ShardWriteError(
+        f"{path}: cannot write ({exc.strerror or exc}); the shards already complete are kept and no "
+        "partial file is left: free space, then run the same command again (it resumes)"
+    )
 
 
 def write_shards(
@@ -241,7 +259,10 @@ def write_shards(
     if skipped:
         log.info("%d of %d shards were already complete and verified; skipped", skipped, len(jobs))
     manifest = build_manifest(params, fingerprint, [records[job.name] for job in jobs])
-    atomic_write_bytes(out / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+    try:
+        atomic_write_bytes(out / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+    except OSError as exc:
+        raise _write_failed(out / MANIFEST_NAME, exc) from None
     return manifest | {"written": len(jobs) - skipped}
 
 

@@ -1,14 +1,25 @@
 """Atomic checkpoints that resume exactly, loaded without executing pickle.
 
 A checkpoint holds the student, the EMA teacher (and frozen encoder), the optimiser, the iteration,
-every RNG state, the data stream cursors and the resolved config. It is written to a temporary file,
-fsynced and renamed, so a crash mid-write leaves the previous checkpoint intact; it is read with
-``torch.load(weights_only=True)``, so a crafted file cannot run code.
+every RNG state, the data stream cursors and the resolved config.
+
+What protects it:
+
+* written to a temporary file in the same folder, fsynced and renamed over the old one: a crash or
+  SIGKILL mid-write leaves the previous checkpoint intact, and the temporary is never read (a later run
+  removes it: :func:`remove_stale_temporaries`);
+* completeness and checksums: the file is torch's zip archive, whose central directory is written
+  last and whose every record carries a CRC-32. torch itself checks neither, so :func:`load_checkpoint`
+  verifies both before reading: a truncated or corrupted file is refused by name, never half-loaded;
+* read with ``torch.load(weights_only=True)``: a crafted pickle cannot run code;
+* a failed write (disk full, quota, permissions) raises :class:`CheckpointError` naming the file and
+  leaves the previous checkpoint in place.
 """
 
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +29,7 @@ from damformer.errors import DamformerError
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_NAME = "checkpoint.pt"
+TEMP_PREFIX = "."  # hidden: a temporary never looks like a checkpoint to a user or a glob
 
 
 class CheckpointError(DamformerError):
@@ -25,28 +37,68 @@ class CheckpointError(DamformerError):
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` (tensors, numbers, strings, lists, dicts) atomically to ``path``."""
+    """Write ``state`` (tensors, numbers, strings, lists, dicts) atomically to ``path``.
+
+    Raises:
+        CheckpointError: the write failed (e.g. no space left); ``path`` still holds the previous one.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f"{TEMP_PREFIX}{path.name}.tmp-{os.getpid()}")
     try:
         with tmp.open("wb") as handle:
             torch.save({"format": CHECKPOINT_FORMAT, **state}, handle)
             handle.flush()
             os.fsync(handle.fileno())
         tmp.replace(path)
+    except (OSError, RuntimeError) as exc:  # torch wraps a failed write of its zip writer in RuntimeError
+        kept = "the previous checkpoint is kept" if path.is_file() else "no checkpoint was written"
+        raise CheckpointError(
+            f"{path}: cannot write the checkpoint ({type(exc).__name__}: {exc}); {kept}. "
+            "Free space (or raise the quota) on that file system, then resume with --resume"
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def load_checkpoint(path: Path | str) -> dict[str, Any]:
-    """Read a checkpoint (weights only: no code runs).
+def remove_stale_temporaries(folder: Path, name: str = CHECKPOINT_NAME) -> list[Path]:
+    """Delete temporaries of ``name`` left in ``folder`` by a writer that was killed; returns them."""
+    stale = sorted(folder.glob(f"{TEMP_PREFIX}{name}.tmp-*"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def verify_archive(path: Path) -> None:
+    """Check that ``path`` is a complete zip archive whose records all match their CRC-32.
 
     Raises:
-        CheckpointError: missing, unreadable, crafted (pickle with code) or of another format.
+        CheckpointError: truncated (no central directory), not a torch checkpoint, or corrupted.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise CheckpointError(
+            f"{path}: incomplete or not a damformer checkpoint ({exc}); a write was cut off or the file "
+            "was damaged: resume from a good copy, or start a new run.output_dir"
+        ) from None
+    if bad is not None:
+        raise CheckpointError(
+            f"{path}: record {bad} fails its CRC-32 check (the file is corrupted); resume from a good "
+            "copy, or start a new run.output_dir"
+        )
+
+
+def load_checkpoint(path: Path | str) -> dict[str, Any]:
+    """Read a checkpoint (weights only: no code runs) after checking it is complete and uncorrupted.
+
+    Raises:
+        CheckpointError: missing, incomplete, corrupted, crafted (pickle with code) or of another format.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    verify_archive(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -34,6 +34,7 @@ from damformer.engine import deepspeed_engine
 from damformer.engine.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
+    remove_stale_temporaries,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -520,6 +521,9 @@ class Trainer:
         config = self.config
         self.output_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = self.output_dir / CHECKPOINT_NAME
+        if self.dist.is_main:
+            for stale in remove_stale_temporaries(self.output_dir):
+                log.warning("removed %s: a checkpoint write that was cut off (never read)", stale)
         if resume and checkpoint.is_file():
             self.load_state_dict(load_checkpoint(checkpoint), where=checkpoint)
             log.info("resumed from %s at iteration %d", checkpoint, self.iteration)

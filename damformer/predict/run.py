@@ -231,6 +231,14 @@ class SentinelStack:
                 f"{path}: {data.shape[0]} bands, expected {NUM_S2_BANDS} per date x {len(dates)} dates "
                 f"(from {dates_file})"
             )
+        finite = np.isfinite(data)
+        if not finite.all():
+            band = int(np.argmin(finite.reshape(finite.shape[0], -1).all(axis=1)))
+            raise PredictInputError(
+                f"{path}: {int((~finite).sum())} NaN/inf values, first in band {band + 1} (date "
+                f"{dates[band // NUM_S2_BANDS] if band // NUM_S2_BANDS < len(dates) else '?'}); fill them "
+                "(e.g. gdal_fillnodata) or leave that date out of the stack and its dates file"
+            )
         if abs(abs(transform.a) - S2_PIXEL_M) > 0.01 * S2_PIXEL_M:
             raise PredictInputError(f"{path}: pixel size {abs(transform.a):g} m, expected {S2_PIXEL_M:g} m")
         origin = dt.date(dates[0].year, 1, 1)
@@ -254,10 +262,16 @@ def check_mosaic(path: Path, model: ModelConfig, stack: SentinelStack | None) ->
     """Bands and CRS of one aerial GeoTIFF against the model and the stack (before any compute)."""
     try:
         with rasterio.open(path) as dataset:
-            count, crs = dataset.count, dataset.crs
+            count, crs, dtypes = dataset.count, dataset.crs, set(dataset.dtypes)
     except rasterio.errors.RasterioError as exc:
         raise PredictInputError(f"{path}: cannot open the aerial GeoTIFF ({exc})") from None
     _check_bands(count, model, where=str(path))
+    if dtypes != {"uint8"}:
+        raise PredictInputError(
+            f"{path}: pixel type {', '.join(sorted(dtypes))}, expected uint8 like FLAIR-2's aerial patches "
+            "(elevation included, scaled to 0..255): a float band could hold NaN and would not match "
+            "what the model was trained on"
+        )
     if crs is None:
         raise PredictInputError(f"{path}: no CRS; the maps would not be georeferenced")
     if stack is not None and stack.crs != crs:

@@ -49,6 +49,12 @@ def _set_centroid(root: Path, value: object) -> None:
     _edit_json(root / "flair-2_centroids_sp_to_patch.json", lambda c: c.__setitem__("IMG_000001.tif", value))
 
 
+def _with_nan(array: np.ndarray, band: int = 0) -> np.ndarray:
+    array[..., band, 0, 0] = np.nan  # (bands, H, W) or (T, bands, H, W)
+    array[..., band, 0, 1] = np.inf
+    return array
+
+
 def _superpatch_shape(root: Path) -> tuple[int, ...]:
     return np.load(root / f"{SEN}_data.npy", mmap_mode="r").shape
 
@@ -185,6 +191,22 @@ CASES: dict[str, Case] = {
     ),
     "Sentinel-2 data in float32": Case(
         lambda r: np.save(r / f"{SEN}_data.npy", np.load(r / f"{SEN}_data.npy").astype(np.float32)),
+        DataFormatError,
+        ("data.npy", "Sentinel-2 data dtype", "expected int16 or uint16, found float32"),
+    ),
+    # FLAIR-2 stores elevation as uint8 and S2 as integers: a float raster (where NaN/inf could hide) is
+    # refused by its type, before any value reaches a model.
+    "elevation band with NaN (float32 raster)": Case(
+        lambda r: _rewrite_tiff(
+            r / IMG1, _with_nan(_read_tiff(r / IMG1).astype(np.float32), band=4), "float32"
+        ),
+        DataFormatError,
+        ("IMG_000001.tif", "aerial patch dtype", "expected uint8, found float32"),
+    ),
+    "Sentinel-2 data with NaN and inf": Case(
+        lambda r: np.save(
+            r / f"{SEN}_data.npy", _with_nan(np.load(r / f"{SEN}_data.npy").astype(np.float32))
+        ),
         DataFormatError,
         ("data.npy", "Sentinel-2 data dtype", "expected int16 or uint16, found float32"),
     ),

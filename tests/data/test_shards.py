@@ -203,6 +203,9 @@ def test_sigkill_mid_run_then_rerun_completes(demo_root, tmp_path):
     assert f"{24 - len(complete)} written, {len(complete)} already complete" in rerun.stdout
     assert verify_shards(out) == {"shards": 24, "samples": 24}
     assert not list(out.glob(".*tmp*"))
+    keys = [key for tar in sorted(out.glob("*.tar")) for key, _ in iter_tar_samples(tar)]
+    expected = {patch.patch_id for patch in Flair2Dataset(demo_root, domains=["north"]).patches}
+    assert len(keys) == len(set(keys)) and set(keys) == expected  # every patch exactly once: no duplicates
 
 
 def test_other_parameters_refuse_to_mix_unless_overwrite(tiny_root, tmp_path):

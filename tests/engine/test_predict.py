@@ -162,7 +162,28 @@ def test_bad_inputs_fail_before_any_compute(checkpoints, tiny_shards, tmp_path, 
     assert "CRS mismatch" in capsys.readouterr().err
     assert main([*temporal, str(tmp_path / "c"), "--src", str(mosaic), "--s2", str(wrong_crs)]) == 2
     assert "--s2 needs --s2-dates" in capsys.readouterr().err
-    assert not any((tmp_path / name).exists() for name in ("a", "b", "c"))
+    # NaN/inf in the Sentinel-2 stack, a float aerial mosaic (where NaN elevation could hide)
+    nan_stack = np.full((20, 60, 60), 1200, dtype=np.float32)
+    nan_stack[3, 10, 10], nan_stack[5, 0, 0] = np.nan, np.inf
+    nan_path = _write(tmp_path / "s2_nan.tif", nan_stack, from_origin(699800.0, 6600200.0, 10.0, 10.0))
+    with_nan = [*temporal, str(tmp_path / "e"), "--src", str(mosaic), "--s2", str(nan_path)]
+    assert main([*with_nan, "--s2-dates", str(dates)]) == 2
+    assert "s2_nan.tif: 2 NaN/inf values, first in band 4 (date 2021-03-15)" in capsys.readouterr().err
+    floats = _write(
+        tmp_path / "float.tif", rasterio.open(mosaic).read().astype(np.float32), from_origin(0, 0, 1, 1)
+    )
+    aerial = [
+        "predict",
+        "--checkpoint",
+        str(checkpoints["aerial"]),
+        "--window",
+        "64",
+        "--out",
+        str(tmp_path / "f"),
+    ]
+    assert main([*aerial, "--src", str(floats)]) == 2
+    assert "float.tif: pixel type float32, expected uint8" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("a", "b", "c", "e", "f"))
     # and the right stack works: 12.8 m windows in a 40-pixel crop around each window's centre
     stack_path = _write(
         tmp_path / "s2.tif",
