@@ -102,7 +102,17 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {exc})") from None
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        blocked = [line for line in lines if "GLOBAL" in line]
+        if blocked:  # weights_only refused a pickled object: nothing of it was executed
+            raise CheckpointError(
+                f"{path}: cannot read the checkpoint: it holds a Python object that is not weights "
+                f"({blocked[0]}); refused without running it. Only load checkpoints you trust"
+            ) from None
+        reason = lines[0] if lines else ""
+        raise CheckpointError(
+            f"{path}: cannot read the checkpoint ({type(exc).__name__}: {reason})"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path}: checkpoint format: expected {CHECKPOINT_FORMAT}, found {found}")

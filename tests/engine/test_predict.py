@@ -169,9 +169,8 @@ def test_bad_inputs_fail_before_any_compute(checkpoints, tiny_shards, tmp_path, 
     with_nan = [*temporal, str(tmp_path / "e"), "--src", str(mosaic), "--s2", str(nan_path)]
     assert main([*with_nan, "--s2-dates", str(dates)]) == 2
     assert "s2_nan.tif: 2 NaN/inf values, first in band 4 (date 2021-03-15)" in capsys.readouterr().err
-    floats = _write(
-        tmp_path / "float.tif", rasterio.open(mosaic).read().astype(np.float32), from_origin(0, 0, 1, 1)
-    )
+    with rasterio.open(mosaic) as source:  # same grid, float pixels
+        floats = _write(tmp_path / "float.tif", source.read().astype(np.float32), source.transform)
     aerial = [
         "predict",
         "--checkpoint",
