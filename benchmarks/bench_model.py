@@ -5,7 +5,8 @@
 
    * ``ours+segformer``: our ``MixTransformer`` + our SegFormer all-MLP head;
    * ``hf``: ``transformers.SegformerForSemanticSegmentation`` with the identical configuration (same
-     widths, depths, heads, reduction ratios, head width, stochastic depth 0.1, dropout 0);
+     widths, depths, heads, reduction ratios, head width, stochastic depth 0.1, dropout 0.1 before the
+     classifier as in our head, no other dropout);
    * ``ours+daformer``: our MiT + the DAFormer context-aware head (what the DAFormer baseline trains;
      Hugging Face has no such head, so its ratio to ``hf`` is for orientation, not a like-for-like test).
 
@@ -18,6 +19,7 @@
 
     python benchmarks/bench_model.py                        # CPU: about 5 minutes on 2 cores
     python benchmarks/bench_model.py --sizes mit_b0 --rounds 2
+    python benchmarks/bench_model.py --profile ours+segformer:mit_b0 hf:mit_b0   # where the time goes
     python benchmarks/bench_model.py --device cuda --batch 8 --precision bf16
 """
 
@@ -45,6 +47,7 @@ from common import (
     print_table,
     run_memory_case,
     setup,
+    synchronize,
     verdict,
     write_json,
 )
@@ -100,7 +103,7 @@ class HuggingFaceSegmenter(nn.Module):
             drop_path_rate=0.1,
             hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0,
-            classifier_dropout_prob=0.0,
+            classifier_dropout_prob=0.1,  # our heads' Dropout2d(0.1) before the classifier
         )
         self.model = SegformerForSemanticSegmentation(config)
 
@@ -189,11 +192,25 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="images per step at 512 x 512 (default 1)")
     parser.add_argument("--utae-batch", type=int, default=4, help="samples per U-TAE step (default 4)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument(
+        "--profile",
+        nargs="+",
+        metavar="CASE",
+        help="instead of the benchmark, print torch.profiler's top operators of these cases, e.g. "
+        "ours+segformer:mit_b0 hf:mit_b0 (names as in the tables)",
+    )
     args = parser.parse_args()
     device = setup(args)
     cases = all_cases(args, device)
     if args.memory_case:
         run_memory_case(cases, args.memory_case, device)
+        return
+    if args.profile:
+        unknown = [name for name in args.profile if name not in cases]
+        if unknown:
+            parser.error(f"--profile: unknown case {', '.join(unknown)}; known: {', '.join(cases)}")
+        for name in args.profile:
+            print_profile(name, cases[name](), device, steps=args.rounds)
         return
 
     print(f"machine: {machine_description(device)}; precision {args.precision}; batch {args.batch}")
@@ -261,6 +278,21 @@ def main() -> None:
         rows,
     )
     write_json(args.json, {"machine": machine_description(device), "precision": args.precision, **results})
+
+
+def print_profile(name: str, step: Step, device: torch.device, *, steps: int) -> None:
+    """The operators that take the time of one case's step (self time, summed over ``steps`` steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()  # warm-up: first-call allocations and kernel selection stay out of the profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\n== {name}: {steps} steps, operators by self time")
+    print(profiler.key_averages().table(sort_by=sort_by, row_limit=18, max_name_column_width=48))
 
 
 def _child_args(args: argparse.Namespace) -> list[str]:
