@@ -35,6 +35,7 @@ from common import machine_description, mib, peak_rss_bytes, print_table, synchr
 
 from damformer.config import DataConfig, DistConfig, RunConfig
 from damformer.engine import deepspeed_engine
+from damformer.engine.cpu_memory import retain_freed_memory
 from damformer.engine.distributed import DistContext, gather_objects, init_distributed, teardown
 from damformer.engine.optim import build_optimizer
 from damformer.models.factory import ModelConfig, build_model
@@ -46,6 +47,8 @@ MODES = ("single", "ddp", "zero1", "zero2")
 def worker(args: argparse.Namespace) -> None:
     """One rank: build, run warm-up + timed iterations, report (rank 0 writes the JSON)."""
     device = torch.device(args.device)
+    if device.type == "cpu":
+        retain_freed_memory()  # as the trainer does on CPU
     context = init_distributed(device) if args.mode != "single" else DistContext()
     if device.type == "cuda":
         device = torch.device("cuda", context.local_rank)

@@ -280,6 +280,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from damformer.data.classes import FLAIR_CLASSES
+    from damformer.engine.cpu_memory import retain_freed_memory
     from damformer.engine.distributed import init_distributed, sum_over_ranks, teardown
     from damformer.engine.train import amp_context, resolve_device
     from damformer.predict.run import (
@@ -308,6 +309,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if not 1 <= stride <= args.window:
         raise _OptionError(f"--stride {stride}: expected 1..--window ({args.window})")
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        retain_freed_memory()
     dist = init_distributed(device)
     try:
         autocast, _ = amp_context(args.precision, device)
@@ -356,12 +359,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     from damformer.data.classes import FLAIR_CLASSES
     from damformer.data.loader import ShardSet
+    from damformer.engine.cpu_memory import retain_freed_memory
     from damformer.engine.train import resolve_device
     from damformer.eval.evaluate import evaluate
     from damformer.predict.run import load_model
 
     model, model_config, state = load_model(args.checkpoint, teacher=args.teacher)
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        retain_freed_memory()
     model.to(device)
     shard_set = ShardSet(args.shards, domains=args.domains)
     result = evaluate(

@@ -39,6 +39,7 @@ from damformer.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from damformer.engine.cpu_memory import retain_freed_memory
 from damformer.engine.distributed import (
     DistContext,
     barrier,
@@ -158,6 +159,8 @@ class Trainer:
         self.device = resolve_device(config.run.device)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
+        if self.device.type == "cpu":
+            retain_freed_memory()  # no page faults on big activations at every step (cpu_memory.py)
         self.autocast, self.scaler = amp_context(config.run.precision, self.device)
         if config.dist.sync_bn and self.dist.enabled and self.device.type != "cuda":
             raise ConfigError("dist.sync_bn: SyncBatchNorm needs CUDA devices; set dist.sync_bn=false on CPU")
