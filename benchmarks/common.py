@@ -73,14 +73,19 @@ def synchronize(device: torch.device) -> None:
 def interleaved_seconds(
     steps: dict[str, Step], device: torch.device, *, rounds: int, repeats: int = 1, warmup: int = 1
 ) -> dict[str, float]:
-    """Median seconds per call of each step, measured in alternating rounds after ``warmup`` calls each."""
+    """Median seconds per call of each step, measured in alternating rounds (rotating the order) after
+    ``warmup`` calls each."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     synchronize(device)
     samples: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
+    names = list(steps)
+    for index in range(rounds):
+        # each round starts with the next candidate: none always follows the same one (whose leftovers
+        # in caches and in the heap would favour or burden it)
+        for name in names[index % len(names) :] + names[: index % len(names)]:
+            step = steps[name]
             synchronize(device)
             start = time.perf_counter()
             for _ in range(repeats):

@@ -1,19 +1,21 @@
-"""Keep freed CPU memory for reuse, so big tensors stop paying page faults at every training step.
+"""Keep freed CPU memory for reuse, so a training step stops page-faulting its activations afresh.
 
-glibc's malloc serves every block above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and
-hands it back to the kernel on ``free``. A training step allocates and frees the same big activations
-again and again, so on CPU each step page-faults and zero-fills them anew. Measured on the U-TAE
-benchmark (batch 4, T = 24 dates, 40 x 40 crops): 329,000 minor faults and 0.68 s of kernel time per
-1.2 s step; T = 6 stays under the threshold and barely faults, which made the step time grow faster
-than the number of dates. With freed memory kept for reuse: about 1,000 faults per step and the step
-time grows linearly. A DAM-Former (MiT-b0) UDA iteration at 512 px, batch 2 + 2: 3.2 s instead of 4.1 s
-(benchmarks/RESULTS.md).
+glibc's malloc adapts two thresholds as a program runs: blocks above the mmap threshold get their own
+``mmap`` and go back to the kernel on ``free``, and free memory at the top of the heap beyond the trim
+threshold is returned too. A training step allocates and frees the same activations again and again,
+so on CPU much of each step went to page faults that map and zero-fill the same memory anew. Measured
+on the U-TAE benchmark (batch 4, T = 24 dates, 40 x 40 crops): 351,000 minor faults and 0.77 s of
+kernel time in a 1.26 s step; T = 6 faulted far less, so the step time grew faster than the number of
+dates.
 
-The cost: the resident memory stays at its peak instead of shrinking between steps (a training process
-returns to that peak at every step anyway), and the peak itself rises a little from fragmentation:
-2034 instead of 1957 MiB (+4%) on that UDA iteration. Users who preload another allocator (jemalloc,
-tcmalloc) or set ``MALLOC_*`` variables keep their choice; ``DAMFORMER_CPU_ALLOCATOR=system`` turns
-this off.
+We fix the mmap threshold at glibc's maximum (32 MiB, so only blocks larger than that are mapped
+per allocation) and keep up to 2 GiB of free heap instead of trimming it. U-TAE T = 24: 160,000
+faults, 0.93 s; a DAM-Former (MiT-b0) UDA iteration at 512 px, batch 2 + 2: 3.3 s instead of 4.1 s, for
+a peak of 2011 instead of 1957 MiB (+3%). Keeping every freed block (no mmap at all) removes the
+remaining faults too, but fragments the heap: +46% peak on a MiT-b2 step, so we do not.
+
+Users who preload another allocator (jemalloc, tcmalloc) or set ``MALLOC_*`` variables keep their
+choice; ``DAMFORMER_CPU_ALLOCATOR=system`` turns this off.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ log = logging.getLogger(__name__)
 OPT_OUT = "DAMFORMER_CPU_ALLOCATOR"
 # mallopt(3) parameter numbers from glibc's <malloc.h>
 _M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
-_INT_MAX = 2**31 - 1  # mallopt takes an int: trim only when 2 GiB lie free at the top of the heap
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc refuses more on 64-bit systems
+_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: trim only when 2 GiB lie free at the top
 
 _applied = False
 
@@ -50,7 +53,7 @@ def _user_tuned_allocator() -> str | None:
 
 
 def retain_freed_memory() -> bool:
-    """Tell glibc to keep freed blocks for reuse (no mmap per big block, no trimming). True if in effect.
+    """Tell glibc to keep freed memory for reuse (mmap only above 32 MiB, little trimming). True if in effect.
 
     Idempotent; a no-op (False) off Linux/glibc or where the user chose otherwise (see the module doc).
     """
@@ -68,8 +71,8 @@ def retain_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # mallopt returns 1 on success
-    _applied = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1
+    settings = ((_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    _applied = all(mallopt(parameter, value) == 1 for parameter, value in settings)  # 1: success
     if _applied:
         log.info("CPU memory: freed blocks kept for reuse (%s=system turns this off)", OPT_OUT)
     return _applied
