@@ -47,8 +47,7 @@ MODES = ("single", "ddp", "zero1", "zero2")
 def worker(args: argparse.Namespace) -> None:
     """One rank: build, run warm-up + timed iterations, report (rank 0 writes the JSON)."""
     device = torch.device(args.device)
-    if device.type == "cpu":
-        retain_freed_memory()  # as the trainer does on CPU
+    retain_freed_memory(device)  # as the trainer does on CPU
     context = init_distributed(device) if args.mode != "single" else DistContext()
     if device.type == "cuda":
         device = torch.device("cuda", context.local_rank)

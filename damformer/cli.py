@@ -309,8 +309,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if not 1 <= stride <= args.window:
         raise _OptionError(f"--stride {stride}: expected 1..--window ({args.window})")
     device = resolve_device(args.device)
-    if device.type == "cpu":
-        retain_freed_memory()
+    retain_freed_memory(device)
     dist = init_distributed(device)
     try:
         autocast, _ = amp_context(args.precision, device)
@@ -366,8 +365,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     model, model_config, state = load_model(args.checkpoint, teacher=args.teacher)
     device = resolve_device(args.device)
-    if device.type == "cpu":
-        retain_freed_memory()
+    retain_freed_memory(device)
     model.to(device)
     shard_set = ShardSet(args.shards, domains=args.domains)
     result = evaluate(

@@ -25,6 +25,8 @@ import logging
 import os
 import platform
 
+import torch
+
 log = logging.getLogger(__name__)
 
 OPT_OUT = "DAMFORMER_CPU_ALLOCATOR"
@@ -52,12 +54,15 @@ def _user_tuned_allocator() -> str | None:
     return None
 
 
-def retain_freed_memory() -> bool:
+def retain_freed_memory(device: torch.device | None = None) -> bool:
     """Tell glibc to keep freed memory for reuse (mmap only above 32 MiB, little trimming). True if in effect.
 
-    Idempotent; a no-op (False) off Linux/glibc or where the user chose otherwise (see the module doc).
+    Idempotent; a no-op (False) when ``device`` is not the CPU (a GPU run keeps its tensors in the CUDA
+    caching allocator), off Linux/glibc, or where the user chose otherwise (see the module doc).
     """
     global _applied
+    if device is not None and device.type != "cpu":
+        return False
     if _applied:
         return True
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":

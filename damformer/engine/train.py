@@ -159,8 +159,7 @@ class Trainer:
         self.device = resolve_device(config.run.device)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
-        if self.device.type == "cpu":
-            retain_freed_memory()  # no page faults on big activations at every step (cpu_memory.py)
+        retain_freed_memory(self.device)  # on CPU: no page faults on activations at every step
         self.autocast, self.scaler = amp_context(config.run.precision, self.device)
         if config.dist.sync_bn and self.dist.enabled and self.device.type != "cuda":
             raise ConfigError("dist.sync_bn: SyncBatchNorm needs CUDA devices; set dist.sync_bn=false on CPU")

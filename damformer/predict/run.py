@@ -234,10 +234,10 @@ class SentinelStack:
         finite = np.isfinite(data)
         if not finite.all():
             band = int(np.argmin(finite.reshape(finite.shape[0], -1).all(axis=1)))
+            date = dates[band // NUM_S2_BANDS]  # the band count was checked against the dates just above
             raise PredictInputError(
-                f"{path}: {int((~finite).sum())} NaN/inf values, first in band {band + 1} (date "
-                f"{dates[band // NUM_S2_BANDS] if band // NUM_S2_BANDS < len(dates) else '?'}); fill them "
-                "(e.g. gdal_fillnodata) or leave that date out of the stack and its dates file"
+                f"{path}: {int((~finite).sum())} NaN/inf values, first in band {band + 1} (date {date}); "
+                "fill them (e.g. gdal_fillnodata) or leave that date out of the stack and its dates file"
             )
         if abs(abs(transform.a) - S2_PIXEL_M) > 0.01 * S2_PIXEL_M:
             raise PredictInputError(f"{path}: pixel size {abs(transform.a):g} m, expected {S2_PIXEL_M:g} m")

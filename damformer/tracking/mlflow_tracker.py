@@ -37,9 +37,12 @@ def experiment_family(config_path: str | os.PathLike | None) -> str:
     return parent.name
 
 
+STORE_NAME = "mlflow.db"  # the run's own store, in run.output_dir
+
+
 def default_tracking_uri(output_dir: Path) -> str:
     """The run's own sqlite store."""
-    return f"sqlite:///{(output_dir / 'mlflow.db').resolve()}"
+    return f"sqlite:///{(output_dir / STORE_NAME).resolve()}"
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

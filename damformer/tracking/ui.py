@@ -16,11 +16,11 @@ import sys
 from pathlib import Path
 
 from damformer.errors import DamformerError
+from damformer.tracking.mlflow_tracker import STORE_NAME, default_tracking_uri
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
-STORE_NAME = "mlflow.db"
 
 
 class UIError(DamformerError):
@@ -52,7 +52,7 @@ def ui_command(run_dir: Path, *, host: str = DEFAULT_HOST, port: int = 5000) -> 
     return [
         sys.executable, "-m", "mlflow", "server",
         "--host", host, "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{store.resolve()}",
+        "--backend-store-uri", default_tracking_uri(run_dir),
     ]  # fmt: skip
 
 

@@ -57,3 +57,11 @@ def test_training_steps_stop_page_faulting_their_activations():
 
 def test_a_user_tuned_allocator_is_left_alone():
     assert _probe(MALLOC_ARENA_MAX="2")["applied"] is False
+
+
+def test_a_gpu_run_leaves_the_cpu_allocator_alone():
+    import torch
+
+    from damformer.engine.cpu_memory import retain_freed_memory
+
+    assert retain_freed_memory(torch.device("cuda", 0)) is False  # no CUDA needed: nothing is allocated
