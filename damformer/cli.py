@@ -256,7 +256,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 f"{config.optim.max_iters} iterations on {trainer.device}{ranks}; "
                 f"output: {config.run.output_dir}"
             )
-        result = trainer.run(resume=args.resume, stop_after=args.stop_after)
+        result = trainer.run(resume="auto" if args.auto_resume else args.resume, stop_after=args.stop_after)
         if result.stopped and dist.is_main:
             print(
                 f"stopped at iteration {result.iterations} of {config.optim.max_iters} on request "
@@ -403,7 +403,16 @@ def _add_training_parsers(commands: argparse._SubParsersAction) -> None:
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value"
     )
     train.add_argument("--output-dir", type=Path, help="override run.output_dir")
-    train.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
+    resume = train.add_mutually_exclusive_group()
+    resume.add_argument(
+        "--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt (which must exist)"
+    )
+    resume.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="continue from OUTPUT_DIR/checkpoint.pt if it exists, else start fresh (job scripts: the "
+        "first attempt and every requeue or restart run the same command)",
+    )
     train.add_argument(
         "--tracking-uri",
         metavar="URI",

@@ -7,7 +7,7 @@
 # RDZV_ID        job id shared by the nodes (default: damformer; use a unique one per concurrent job)
 # GPUS           processes per node (default: the visible GPUs, or 1 CPU process without a GPU)
 # MAX_RESTARTS   times torchrun restarts the workers after a failure; they resume from the last
-#                checkpoint (default 0; pass --resume so a restarted worker continues the run)
+#                checkpoint (default 0; pass --auto-resume so a restarted worker continues the run)
 # Ranks are handed out in arrival order, so no node rank is needed. Under Slurm, slurm/train.sh does this.
 set -euo pipefail
 config="${1:?usage: NNODES=N RDZV_ENDPOINT=HOST:PORT launch/multinode.sh CONFIG [options...]}"

@@ -65,13 +65,13 @@ on_pre_timeout() {
 }
 trap on_pre_timeout USR1
 
-# --resume: the first attempt finds no checkpoint and starts; a requeued one continues.
+# --auto-resume: the first attempt finds no checkpoint and starts; a requeued one continues.
 srun --kill-on-bad-exit=1 --output="$log_dir/node-%n.log" \
     "$python" -m torch.distributed.run \
     --nnodes="$nodes" --nproc_per_node="$nproc" \
     --rdzv_backend=c10d --rdzv_endpoint="$head_node:$port" --rdzv_id="damformer-$job" \
     --max-restarts="${MAX_RESTARTS:-1}" \
-    -m damformer train "$config" --resume "$@" &
+    -m damformer train "$config" --auto-resume "$@" &
 step=$!
 
 set +e

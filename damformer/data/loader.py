@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,6 +301,16 @@ def _delivered(start_batch: int, role: int, num_workers: int) -> int:
     return max(0, (start_batch - role + num_workers - 1) // num_workers)
 
 
+def _ignore_interrupts(_worker_id: int) -> None:
+    """Worker processes leave Ctrl-C to the main process.
+
+    Ctrl-C reaches every process of the terminal's foreground group. The trainer treats it as a stop
+    request and checkpoints after the current step; workers that died of it would take the batches of
+    that step with them.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class ShardLoader:
     """Iterate batches of a shard set for one rank, with exact mid-epoch resume.
 
@@ -353,6 +364,7 @@ class ShardLoader:
             num_workers=self.num_workers,
             persistent_workers=False,
             generator=torch.Generator().manual_seed(self.options.seed),
+            worker_init_fn=_ignore_interrupts if self.num_workers else None,
         )
         for batch in loader:
             self.skipped += batch.pop("num_skipped", 0)

@@ -14,6 +14,7 @@ stopped and never mistakes a partial file for a shard.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,6 +33,9 @@ from damformer.progress import progress
 
 log = logging.getLogger(__name__)
 
+# What this writer names a shard: DOMAIN-NNNNN.tar (domain D080_2021 or any folder name without "/"),
+# and its sidecar DOMAIN-NNNNN.tar.json. --overwrite removes only these and what the old manifest lists.
+SHARD_FILE = re.compile(r"^[A-Za-z0-9_]+-\d{5}\.tar(\.json)?$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
 
 
@@ -229,8 +233,7 @@ def write_shards(
                     f"{out}: holds a shard set made with other parameters; "
                     "pass --overwrite or choose another --out"
                 )
-            # Remove the old set's files only: anything else a user keeps in the folder stays.
-            for old in [*out.glob("*.tar"), *out.glob("*.tar.json")]:
+            for old in _files_of_the_set(out):
                 old.unlink()
         (out / MANIFEST_NAME).unlink(missing_ok=True)  # rewritten below, after every shard is checked
     out.mkdir(parents=True, exist_ok=True)
@@ -264,6 +267,22 @@ def write_shards(
     except OSError as exc:
         raise _write_failed(out / MANIFEST_NAME, exc) from None
     return manifest | {"written": len(jobs) - skipped}
+
+
+def _files_of_the_set(out: Path) -> list[Path]:
+    """The shards and sidecars of the set in ``out``: listed in its manifest, or named like a shard.
+
+    Anything else a user keeps in the folder (``backup.tar``, notes) is not ours to delete.
+    """
+    listed: set[str] = set()
+    with contextlib.suppress(ShardFormatError, KeyError, TypeError):  # unreadable: the naming scheme alone
+        listed = {shard["name"] for shard in load_manifest(out)["shards"]}
+    names = listed | {f"{name}.json" for name in listed}
+    return sorted(
+        path
+        for path in out.iterdir()
+        if path.is_file() and (path.name in names or SHARD_FILE.match(path.name))
+    )
 
 
 def verify_shards(shard_dir: Path | str) -> dict[str, int]:

@@ -4,6 +4,9 @@ Slurm sends a signal some minutes before the time limit (``--signal=B:USR1@600``
 turns it into a stop file (``DAMFORMER_STOP_FILE``), because a signal to the batch shell does not
 reach the trainer's processes. The trainer also honours SIGUSR1 and SIGTERM sent to it directly.
 Every rank must stop at the same iteration, so the ranks agree on the request after each step.
+
+Ctrl-C (SIGINT) is a stop request too: the run checkpoints after the current step and exits. A second
+Ctrl-C aborts at once (KeyboardInterrupt, no checkpoint of the step in progress).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from damformer.engine.distributed import DistContext, any_rank
 log = logging.getLogger(__name__)
 
 STOP_FILE_VARIABLE = "DAMFORMER_STOP_FILE"
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 class StopRequest:
@@ -39,6 +42,10 @@ class StopRequest:
         self._previous: dict[int, object] = {}
 
     def _handle(self, number: int, _frame: FrameType | None) -> None:
+        if number == signal.SIGINT and self.signalled == "SIGINT":
+            raise KeyboardInterrupt  # the second Ctrl-C: the user wants out now
+        if number == signal.SIGINT:
+            log.warning("Ctrl-C: stopping after this step with a checkpoint (press Ctrl-C again to abort)")
         self.signalled = signal.Signals(number).name  # acted on at the end of the step, not here
 
     def __enter__(self) -> StopRequest:

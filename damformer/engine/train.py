@@ -464,8 +464,13 @@ class Trainer:
         )
         return result
 
-    def run(self, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
-        """Train to ``optim.max_iters``, or stop (with a checkpoint) once iteration ``stop_after`` is done."""
+    def run(self, *, resume: bool | str = False, stop_after: int | None = None) -> TrainResult:
+        """Train to ``optim.max_iters``, or stop (with a checkpoint) once iteration ``stop_after`` is done.
+
+        ``resume``: False starts a new run (an existing checkpoint is an error); True continues from the
+        checkpoint (a missing one is an error); ``"auto"`` continues when a checkpoint exists and starts
+        fresh otherwise (job scripts whose first attempt and requeues run the same command).
+        """
         try:
             with StopRequest(self.dist) as stop:
                 result = self._run(resume=resume, stop_after=stop_after, stop=stop)
@@ -519,20 +524,28 @@ class Trainer:
         """The network scored on the target: the student, or the EMA teacher with eval.teacher."""
         return self.uda.teacher.model if (self.config.eval.teacher and self.uda.teacher) else self.model
 
-    def _run(self, *, resume: bool, stop_after: int | None, stop: StopRequest) -> TrainResult:
+    def _run(self, *, resume: bool | str, stop_after: int | None, stop: StopRequest) -> TrainResult:
         config = self.config
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = self.output_dir / CHECKPOINT_NAME
-        if self.dist.is_main:
+        if self.dist.is_main and self.output_dir.is_dir():
             for stale in remove_stale_temporaries(self.output_dir):
                 log.warning("removed %s: a checkpoint write that was cut off (never read)", stale)
         if resume and checkpoint.is_file():
             self.load_state_dict(load_checkpoint(checkpoint), where=checkpoint)
             log.info("resumed from %s at iteration %d", checkpoint, self.iteration)
-        elif checkpoint.is_file() and not resume:
+        elif resume == "auto":
+            log.info("no checkpoint in %s yet: starting fresh (--auto-resume)", self.output_dir)
+        elif resume:
+            raise ConfigError(
+                f"{checkpoint}: no checkpoint to resume from (the run never saved one, or this is another "
+                "folder); drop --resume to start this run, or use --auto-resume in job scripts whose first "
+                "attempt starts fresh"
+            )
+        elif checkpoint.is_file():
             raise ConfigError(
                 f"{checkpoint} exists: pass --resume to continue it, or choose another run.output_dir"
             )
+        self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
             dump_config(config, self.output_dir / "config.yaml")
         self._start_tracking()
@@ -549,6 +562,7 @@ class Trainer:
         end = config.optim.max_iters if stop_after is None else min(config.optim.max_iters, stop_after)
         started, first = time.perf_counter(), self.iteration
         steps = range(self.iteration, end)
+        saved_at_end = self.iteration > 0  # the checkpoint on disk holds the current state (resumed)
         if self.dist.is_main:  # one progress bar per job, not per rank
             steps = progress(steps, desc="train", unit="it", total=end - self.iteration)
         for _ in steps:
@@ -567,9 +581,10 @@ class Trainer:
             if _due(done, config.eval.interval) and done < config.optim.max_iters:
                 self.evaluate()
             saved = False
-            if (_due(done, config.log.checkpoint_interval) or done == end) and done < config.optim.max_iters:
-                self.save()  # (the last iteration's checkpoint follows the final evaluation)
+            if _due(done, config.log.checkpoint_interval) or done == end:
+                self.save()
                 saved = True
+            saved_at_end = saved
             if stop.requested():
                 reason = stop.reason() or "a request on another rank"
                 if not saved:
@@ -582,8 +597,13 @@ class Trainer:
                 return TrainResult(self.output_dir, self.iteration, self.history, None, stopped=reason)
         scores = None
         if self.iteration >= config.optim.max_iters:
+            # The training is on disk before the final evaluation: if the evaluation fails (a corrupt
+            # test shard), --resume only evaluates again. Saved again afterwards to record the scores.
+            if not saved_at_end:
+                self.save()
             scores = self.evaluate()
-            self.save()
+            if scores is not None:
+                self.save()
             if scores is not None and self.dist.is_main:
                 self._report_end(scores)
         return TrainResult(self.output_dir, self.iteration, self.history, scores)

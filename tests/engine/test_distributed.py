@@ -110,7 +110,7 @@ def test_killed_rank_restarts_from_the_checkpoint(engine, tiny_overrides, tmp_pa
     sections["dist"] = {"engine": engine, "zero_stage": 2 if engine == "deepspeed" else None}
     run(torchrun(standalone(), tiny_overrides(tmp_path / "full", **sections)))
     command = torchrun(
-        [*standalone(), "--max-restarts=1"], tiny_overrides(tmp_path / "killed", **sections), "--resume"
+        [*standalone(), "--max-restarts=1"], tiny_overrides(tmp_path / "killed", **sections), "--auto-resume"
     )
     launcher = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env()
