@@ -7,6 +7,7 @@ one line on stderr with exit code 2, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -377,6 +378,74 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    from damformer.study import command
+    from damformer.study.spec import load_study
+
+    study = load_study(args.study, overrides=args.set, output_dir=args.output_dir)
+    if args.dry_run or args.slurm_tasks:
+        planned = command.plan(study, uri_override=args.tracking_uri, dry_run=args.dry_run)
+        if isinstance(planned, Path):  # slurm/study.sh reads "COUNT PATH" from this line
+            count = len(json.loads(planned.read_text())["tasks"])
+            print(f"{count} {planned}")
+        else:
+            print("\n".join(planned))
+        return 0
+    if args.collect:
+        report = command.collect(study, uri_override=args.tracking_uri)
+    else:
+        report = command.run(study, jobs=args.jobs, uri_override=args.tracking_uri)
+    print(report.table)
+    print(f"written: {', '.join(str(path) for path in report.written)}")
+    if report.stopped:
+        print(f"stopped on request; {len(report.unfinished())} run(s) left: run the same command to continue")
+        return EXIT_STOPPED
+    if not report.complete:
+        print("not finished: " + "; ".join(report.unfinished()), file=sys.stderr)
+        print(
+            f"(logs: {study.output_dir}/runs/NAME/seed-S/train.log; the same command retries them)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _add_study_parser(commands: argparse._SubParsersAction) -> None:
+    study = commands.add_parser(
+        "study",
+        formatter_class=_Formatter,
+        help="run an ablation study: every (config, seed) trained, tracked and compared in one table",
+        description="Train every (configuration, seed) of a study file that is not finished yet (a rerun "
+        "skips finished runs, resumes interrupted ones from their checkpoint and retries failed ones; a "
+        "failed run never stops the others), then write the study's tables (mIoU 13 and 12 classes, "
+        "accuracy, IoU per class: mean +- std over seeds; results.md, results.csv, runs.csv) and the "
+        "paper-style figure (figure.png) into its output folder. Every training is nested under one "
+        "MLflow parent run, which holds the tables and the figure. See configs/studies/ for the format.",
+        epilog="examples:\n"
+        "  damformer study configs/studies/miniature.yaml --jobs 2\n"
+        "  damformer study configs/studies/paper.yaml --dry-run           # commands for another scheduler\n"
+        "  damformer study configs/studies/paper.yaml --collect           # tables and figure only\n"
+        "  bash slurm/study.sh configs/studies/paper.yaml --partition=gpu # a Slurm job array\n"
+        "\nExit: 0 all finished, 1 some failed (their logs are named), 75 stopped on request (rerun).",
+    )
+    study.add_argument("study", type=Path, help="study file (YAML)")
+    study.add_argument("--jobs", type=int, default=1, help="trainings at a time on this machine")
+    study.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override every run's config"
+    )
+    study.add_argument("--output-dir", type=Path, help="override the study's output_dir")
+    study.add_argument(
+        "--tracking-uri", metavar="URI", help="MLflow store or server (default: OUTPUT/mlflow.db)"
+    )
+    mode = study.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the training commands, run nothing")
+    mode.add_argument("--collect", action="store_true", help="only write the tables and figure")
+    mode.add_argument(
+        "--slurm-tasks", action="store_true", help="write a task file for a Slurm job array (slurm/study.sh)"
+    )
+    study.set_defaults(run=_cmd_study)
+
+
 def _cmd_ui(args: argparse.Namespace) -> int:
     from damformer.tracking.ui import serve
 
@@ -566,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     read.set_defaults(run=_cmd_read)
     _add_shard_parsers(commands)
     _add_training_parsers(commands)
+    _add_study_parser(commands)
     return parser
 
 

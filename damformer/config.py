@@ -10,6 +10,7 @@ is a :class:`ConfigError` naming the key. The merged config is written into the 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any
 import yaml
 
 from damformer.errors import DamformerError
-from damformer.models.factory import ModelConfig
+from damformer.models.factory import ModelConfig, is_none
 
 
 class ConfigError(DamformerError):
@@ -61,7 +62,12 @@ class UDAConfig:
             DAFormer) or ``running`` (the student's running averages).
         classmix, strong_augment: ClassMix per image; colour jitter + blur of the mixed images.
         hr_weight, lr_weight: mixed loss: weights of the HR and LR cross-entropies (LR needs +T).
-        ensemble_lr_weight: ensemble pseudo-labels: weight of the teacher's LR probabilities (0: HR only).
+        ensemble_lr_weight: ensemble pseudo-labels: weight w of the teacher's LR probabilities (0: HR only).
+        ensemble: how HR and LR probabilities combine, which sets what the confidence means:
+            ``released`` (the authors' code): softmax(HR) + w softmax(LR), confidence = its maximum
+            (0 .. 1 + w), so a pixel the HR branch is sure of always passes; ``normalised``:
+            (1 - w) softmax(HR) + w softmax(LR), a probability, which at the threshold 0.968 and
+            w = 0.2 needs p_LR >= 0.84 to pass (give it a lower ``pseudo_threshold``).
         rcs, rcs_temperature, rcs_min_pixels: rare class sampling of the source (None: scaled 3000).
         feature_distance, fd_lambda, fd_classes: ImageNet feature distance (needs pretrained weights).
         region_loss, region_weight: ``dice`` adds a soft Dice loss to the HR cross-entropy (off: ``none``).
@@ -81,6 +87,7 @@ class UDAConfig:
     hr_weight: float = 1.0
     lr_weight: float = 1.0
     ensemble_lr_weight: float = 0.2
+    ensemble: str = "released"
     rcs: bool = True
     rcs_temperature: float = 0.01
     rcs_min_pixels: int | None = None
@@ -98,10 +105,17 @@ class UDAConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW, warmup + poly (method.md section 6), accumulation and clipping."""
+    """AdamW, warmup + poly (method.md section 6), accumulation and clipping.
+
+    Attributes:
+        head_lr_mult: learning-rate factor of the randomly initialised heads (HR decoder, LR logits).
+        temporal_lr_mult: learning-rate factor of the Sentinel-2 branch (U-TAE) and the deep temporal
+            fusion. They start from random weights like the heads, while the MiT starts from ImageNet.
+    """
 
     lr: float = 6e-5
     head_lr_mult: float = 10.0
+    temporal_lr_mult: float = 10.0
     weight_decay: float = 0.01
     warmup: int = 1500
     max_iters: int = 40000
@@ -129,6 +143,8 @@ class LogConfig:
         experiment: MLflow experiment; None: the config file's folder (``configs/ablation/x.yaml``
             -> ``ablation``), ``damformer`` without a file.
         mosaic_patches: target test patches shown in the prediction mosaic PNG.
+        run_name: the MLflow run's name; None: model x inputs x source->target.
+        parent_run_id: nest the run under this MLflow run (a study's parent run, ``damformer study``).
     """
 
     interval: int = 50
@@ -137,6 +153,8 @@ class LogConfig:
     tracking_uri: str | None = None
     experiment: str | None = None
     mosaic_patches: int = 4
+    run_name: str | None = None
+    parent_run_id: str | None = None
 
 
 @dataclass
@@ -197,6 +215,9 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+_SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check ``value`` against a field annotation; ints are accepted where floats are expected."""
     origin = typing.get_origin(annotation)
@@ -220,6 +241,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
+        return float(value)  # YAML 1.1 reads 6e-5 (no dot) as a string; everyone writes it that way
     if annotation in (int, float, str, bool) and (
         not isinstance(value, annotation) or (annotation is int and isinstance(value, bool))
     ):
@@ -265,6 +288,24 @@ def apply_override(values: dict[str, Any], assignment: str) -> None:
     values[section][name] = parsed
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong and where (PyYAML's own message spans several)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{problem}{where}"
+
+
+def read_yaml(path: Path, what: str, error: type[DamformerError]) -> Any:
+    """The YAML document in ``path``; unreadable or invalid is ``error`` with one line naming the file."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
+
+
 def load_config(path: Path | str | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML config (or none: the defaults), apply ``--set`` overrides, validate.
 
@@ -274,12 +315,7 @@ def load_config(path: Path | str | None, overrides: list[str] | tuple[str, ...] 
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read the config: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        values = read_yaml(path, "the config", ConfigError) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, found {type(values).__name__}")
     for assignment in overrides:
@@ -305,6 +341,10 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"uda.teacher_norm: expected batch or running, found {config.uda.teacher_norm!r}")
     if not 0 <= config.uda.ensemble_lr_weight <= 1:
         raise ConfigError(f"uda.ensemble_lr_weight: expected 0..1, found {config.uda.ensemble_lr_weight}")
+    if config.uda.ensemble not in ("released", "normalised"):
+        raise ConfigError(f"uda.ensemble: expected released or normalised, found {config.uda.ensemble!r}")
+    _validate_ranges(config)
+    _validate_pretrained(config.model)
     for section, key in (("log", "interval"), ("log", "checkpoint_interval"), ("eval", "interval")):
         value = getattr(getattr(config, section), key)
         if value < 0:
@@ -334,6 +374,75 @@ def validate(config: RunConfig) -> None:
         )
     if config.run.device not in ("auto", "cpu", "cuda") and not config.run.device.startswith("cuda:"):
         raise ConfigError(f"run.device: expected auto, cpu or cuda[:N], found {config.run.device!r}")
+
+
+# Numeric values with a lower bound: (section, key, bound, strict: ">" rather than ">=").
+_LOWER_BOUNDS = (
+    ("optim", "lr", 0.0, True),
+    ("optim", "weight_decay", 0.0, False),
+    ("optim", "head_lr_mult", 0.0, True),
+    ("optim", "temporal_lr_mult", 0.0, True),
+    ("optim", "warmup", 0, False),
+    ("data", "num_workers", 0, False),
+    ("data", "shuffle_buffer", 0, False),
+    ("eval", "batch_size", 0, True),
+    ("log", "mosaic_patches", 0, False),
+    ("uda", "hr_weight", 0.0, False),
+    ("uda", "lr_weight", 0.0, False),
+    ("uda", "region_weight", 0.0, False),
+    ("uda", "fd_lambda", 0.0, False),
+    ("uda", "mic_weight", 0.0, False),
+    ("uda", "mic_block", 0, True),
+    ("uda", "rcs_temperature", 0.0, True),
+)
+
+
+WEIGHTS_HELP = (
+    "ImageNet weights are read from a local path, never downloaded: on a machine with internet, "
+    "fetch SegFormer's {size}.pth (the ImageNet-1k encoder release) or the Hugging Face folder "
+    "nvidia/{hf} (config.json + model.safetensors), copy it to this path (or set model.pretrained to "
+    "where it is)"
+)
+
+
+def _validate_pretrained(model: ModelConfig) -> None:
+    """A MiT arch trains from ImageNet weights unless ``model.pretrained: none`` says otherwise."""
+    if model.arch == "unet_c":  # a CNN encoder without pretrained weights
+        return
+    if model.pretrained is None:
+        raise ConfigError(
+            f"model.pretrained: not set for {model.name} ({model.mit_size}); point it to ImageNet weights "
+            f"(e.g. weights/{model.mit_size}.pth) or set model.pretrained=none to train from random weights "
+            "on purpose"
+        )
+    if is_none(model.pretrained):
+        return
+    path = Path(model.pretrained)
+    if not path.exists():
+        raise ConfigError(
+            f"model.pretrained: {path} not found. "
+            + WEIGHTS_HELP.format(size=model.mit_size, hf=model.mit_size.replace("_", "-"))
+            + "; or set model.pretrained=none to train from random weights"
+        )
+
+
+def _validate_ranges(config: RunConfig) -> None:
+    """Every bounded number, checked before any compute (a bad value fails here, not mid-run)."""
+    for section, key, bound, strict in _LOWER_BOUNDS:
+        value = getattr(getattr(config, section), key)
+        if value < bound or (strict and value == bound):
+            expected = f"> {bound}" if strict else f">= {bound}"
+            raise ConfigError(f"{section}.{key}: expected {expected}, found {value}")
+    if config.optim.grad_clip is not None and config.optim.grad_clip <= 0:
+        raise ConfigError(
+            f"optim.grad_clip: expected > 0 (or null: no clipping), found {config.optim.grad_clip}"
+        )
+    if not 0 <= config.uda.ema_alpha < 1:
+        raise ConfigError(f"uda.ema_alpha: expected 0 <= alpha < 1, found {config.uda.ema_alpha}")
+    if not 0 <= config.uda.mic_ratio < 1:
+        raise ConfigError(f"uda.mic_ratio: expected 0 <= ratio < 1, found {config.uda.mic_ratio}")
+    if config.uda.rcs_min_pixels is not None and config.uda.rcs_min_pixels < 0:
+        raise ConfigError(f"uda.rcs_min_pixels: expected >= 0 (or null), found {config.uda.rcs_min_pixels}")
 
 
 def dump_config(config: RunConfig, path: Path) -> None:

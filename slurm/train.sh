@@ -5,6 +5,8 @@
 #   sbatch slurm/train.sh CONFIG [damformer train options...]
 #   sbatch --nodes=4 --partition=gpu --time=48:00:00 slurm/train.sh configs/ablation/damformer-rgbne-t.yaml
 #   sbatch --nodes=2 slurm/train.sh CONFIG --set dist.engine=deepspeed --set dist.zero_stage=2
+#   sbatch --array=0-15 slurm/train.sh --study-task TASK_FILE    (what slurm/study.sh submits: array task
+#                          i trains the i-th (config, seed) of a study, frozen in TASK_FILE)
 #
 # The #SBATCH lines below are defaults for V100 nodes (4 GPUs, 32 cores each); override any of them on
 # the sbatch command line. Variables (export them before sbatch, which passes the environment on):
@@ -31,9 +33,21 @@
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 
+python="${DAMFORMER:-python}"
+if [[ "${1:-}" == "--study-task" ]]; then
+    task_file="${2:?usage: sbatch --array=0-N slurm/train.sh --study-task TASK_FILE}"
+    index="${SLURM_ARRAY_TASK_ID:?--study-task runs as a task of a job array (sbatch --array=...)}"
+    # NUL-separated arguments: every value arrives intact, nothing is parsed by the shell.
+    mapfile -d '' -t task_args < <("$python" -m damformer.study.task "$task_file" "$index")
+    if (( ${#task_args[@]} == 0 )); then
+        echo "array task $index: no arguments in $task_file" >&2
+        exit 2
+    fi
+    echo "study task $index of $task_file"
+    set -- "${task_args[@]}"
+fi
 config="${1:?usage: sbatch slurm/train.sh CONFIG [damformer train options...]}"
 shift
-python="${DAMFORMER:-python}"
 job="${SLURM_JOB_ID:?run this script with sbatch}"
 nodes="${SLURM_JOB_NUM_NODES:-1}"
 nproc="${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}"

@@ -104,6 +104,7 @@ def _overrides(shards: dict[str, Path], output: Path, **sections) -> list[str]:
         "data.target": [str(shards["north"])],
         "data.target_test": [str(shards["north-test"])],
         "model.backbone": "mit_b0",
+        "model.pretrained": "none",
         "model.arch": "damformer",
         "model.band_init": "inflate",
         "model.footprint": 0.032,  # 64 px x 0.2 m aerial patches in 40 x 10 m Sentinel-2 crops
@@ -129,3 +130,53 @@ def _yaml(value) -> str:
     import json
 
     return json.dumps(value)  # JSON is YAML
+
+
+REPO = Path(__file__).parents[1]
+
+
+def _study_sets(shards: dict[str, Path], **extra) -> list[str]:
+    """--set values that put a study on the tiny shards (64 px patches) for a few iterations."""
+    values = {
+        "data.source": [str(shards["south"])],
+        "data.target": [str(shards["north"])],
+        "data.target_test": [str(shards["north-test"])],
+        "data.batch_size": 2,
+        "model.footprint": 0.032,  # 64 px x 0.2 m in a 40-pixel Sentinel-2 crop
+        "uda.source_warmup": 1,
+        "optim.max_iters": 3,
+        "optim.warmup": 1,
+        "log.interval": 1,
+        "log.checkpoint_interval": 1,
+        "log.mosaic_patches": 1,
+    }
+    values.update(extra)
+    return [f"{key}={_yaml(value)}" for key, value in values.items()]
+
+
+def _study_file(folder: Path, entries: list[str], *, seeds=(0,), extra_set: dict | None = None) -> Path:
+    """A study file of ablation configs (names) or YAML flow entries, MiT-b0 from scratch."""
+    folder.mkdir(parents=True, exist_ok=True)
+    values = {"model.pretrained": "none", "model.backbone": "mit_b0", **(extra_set or {})}
+    lines = [f"name: {folder.name}", f"seeds: {list(seeds)}", "set:"]
+    lines += [f"  {key}: {_yaml(value)}" for key, value in values.items()]
+    lines.append("configs:")
+    for entry in entries:
+        lines.append(
+            f"  - {entry if entry.startswith('{') else REPO / 'configs' / 'ablation' / (entry + '.yaml')}"
+        )
+    path = folder / "study.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def study_sets(tiny_shards):
+    """A function (**extra) -> --set values of a tiny study on the tiny shards."""
+    return lambda **extra: _study_sets(tiny_shards, **extra)
+
+
+@pytest.fixture
+def study_file():
+    """A function (folder, entries, seeds=, extra_set=) -> a study file."""
+    return _study_file

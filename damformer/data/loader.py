@@ -100,6 +100,27 @@ class ShardSet:
         """Number of samples over all selected shards."""
         return sum(len(s.keys) for s in self.shards)
 
+    def sample(self, key: str) -> Flair2Sample:
+        """Decode the sample ``key`` (a patch id) from the shard that holds it."""
+        for shard in self.shards:
+            if key not in shard.keys:
+                continue
+            for found, files in iter_tar_samples(shard.path, shard=shard.path.name):
+                if found == key:
+                    return decode_sample(files, key=key, shard=shard.path.name, masks=False)
+        raise DamformerError(
+            f"{key}: no such sample in {', '.join(sorted({str(s.path.parent) for s in self.shards}))}"
+        )
+
+    def class_pixels(self) -> dict[str, list[int]]:
+        """Per-sample class pixel counts from the manifests (labelled sets), by patch id."""
+        counts = {}
+        for manifest in self.manifests:
+            for key, info in manifest["samples"].items():
+                if info.get("class_pixels") is not None and info["domain"] in self.domains:
+                    counts[key] = info["class_pixels"]
+        return counts
+
     def first_sample(self) -> Flair2Sample:
         """Decode the first sample of the first shard (shapes and georeferencing, before training)."""
         shard = self.shards[0]

@@ -8,11 +8,30 @@ import torch
 from torch import nn
 
 HEAD_PREFIXES = ("decoder.", "lr_head.")  # randomly initialised heads train faster (lr x 10)
+TEMPORAL_PREFIXES = ("temporal.", "fusion.")  # U-TAE and DTF: randomly initialised too
 
 
-def parameter_groups(model: nn.Module, *, lr: float, weight_decay: float, head_lr_mult: float) -> list[dict]:
-    """Four groups: {encoder, heads} x {decayed, not decayed}; norms and biases get no weight decay."""
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+def _lr_mult(name: str, head_lr_mult: float, temporal_lr_mult: float) -> float:
+    if name.startswith(HEAD_PREFIXES):
+        return head_lr_mult
+    if name.startswith(TEMPORAL_PREFIXES):
+        return temporal_lr_mult
+    return 1.0
+
+
+def parameter_groups(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    head_lr_mult: float,
+    temporal_lr_mult: float = 1.0,
+) -> list[dict]:
+    """Groups by learning-rate factor (encoder 1, heads, temporal branch) x {decayed, not decayed}.
+
+    Norms, biases and other 1-d parameters get no weight decay.
+    """
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
     no_decay_names = {
         f"{module_name}.{name}" if module_name else name
         for module_name, module in model.named_modules()
@@ -24,17 +43,17 @@ def parameter_groups(model: nn.Module, *, lr: float, weight_decay: float, head_l
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        head = name.startswith(HEAD_PREFIXES)
+        mult = _lr_mult(name, head_lr_mult, temporal_lr_mult)
         decay = not (name in no_decay_names or name.endswith(".bias") or parameter.dim() == 1)
-        groups.setdefault((head, decay), []).append(parameter)
+        groups.setdefault((mult, decay), []).append(parameter)
     return [
         {
             "params": params,
-            "lr": lr * (head_lr_mult if head else 1.0),
+            "lr": lr * mult,
             "weight_decay": weight_decay if decay else 0.0,
-            "lr_mult": head_lr_mult if head else 1.0,
+            "lr_mult": mult,
         }
-        for (head, decay), params in sorted(groups.items())
+        for (mult, decay), params in sorted(groups.items())
     ]
 
 
@@ -44,10 +63,17 @@ def build_optimizer(
     lr: float = 6e-5,
     weight_decay: float = 0.01,
     head_lr_mult: float = 10.0,
+    temporal_lr_mult: float = 10.0,
     betas: tuple[float, float] = (0.9, 0.999),
 ) -> torch.optim.AdamW:
     """AdamW over :func:`parameter_groups`."""
-    groups = parameter_groups(model, lr=lr, weight_decay=weight_decay, head_lr_mult=head_lr_mult)
+    groups = parameter_groups(
+        model,
+        lr=lr,
+        weight_decay=weight_decay,
+        head_lr_mult=head_lr_mult,
+        temporal_lr_mult=temporal_lr_mult,
+    )
     return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
 
 

@@ -51,7 +51,7 @@ from damformer.engine.optim import build_optimizer, lr_factor, set_learning_rate
 from damformer.engine.stop import StopRequest
 from damformer.eval.evaluate import evaluate, to_device
 from damformer.eval.metrics import SegmentationScores
-from damformer.models.factory import build_model
+from damformer.models.factory import build_model, is_none
 from damformer.progress import progress
 from damformer.tracking import training as tracking
 from damformer.tracking.mlflow_tracker import Tracker, hostname
@@ -117,6 +117,16 @@ def _check_footprint(footprint: float, shard_set: ShardSet) -> None:
         )
 
 
+def _warn_if_large_mit_from_scratch(config: RunConfig) -> None:
+    model = config.model
+    if model.arch != "unet_c" and is_none(model.pretrained) and model.mit_size not in ("mit_b0", "mit_b1"):
+        log.warning(
+            "model.pretrained=none: the %s encoder trains from random weights; DAFormer's recipe "
+            "(lr 6e-5, 40k iterations) assumes ImageNet weights, so expect a much weaker model",
+            model.mit_size,
+        )
+
+
 def amp_context(name: str, device: torch.device) -> tuple[Any, torch.amp.GradScaler | None]:
     """(autocast context factory, GradScaler or None) for ``run.precision``."""
     if name == "fp32":
@@ -164,6 +174,7 @@ class Trainer:
         if config.dist.sync_bn and self.dist.enabled and self.device.type != "cuda":
             raise ConfigError("dist.sync_bn: SyncBatchNorm needs CUDA devices; set dist.sync_bn=false on CPU")
         self.source_set, self.target_set, self.test_set = open_shard_sets(config)
+        _warn_if_large_mit_from_scratch(config)
         torch.manual_seed(config.run.seed)  # the same initial weights on every rank
         model = build_model(config.model)
         if config.dist.sync_bn and self.dist.enabled:
@@ -186,7 +197,11 @@ class Trainer:
             self.uda.use_student_forward(self.ddp)
         optim = config.optim
         self.optimizer = build_optimizer(
-            self.model, lr=optim.lr, weight_decay=optim.weight_decay, head_lr_mult=optim.head_lr_mult
+            self.model,
+            lr=optim.lr,
+            weight_decay=optim.weight_decay,
+            head_lr_mult=optim.head_lr_mult,
+            temporal_lr_mult=optim.temporal_lr_mult,
         )
         self.ds: Any = None  # the DeepSpeed engine (dist.engine=deepspeed on several processes)
         if self.engine_name == "deepspeed":
@@ -502,7 +517,7 @@ class Trainer:
         """Rank 0: scores.json, the figures, and the run's artifacts on the tracking server."""
         atomic_write_bytes(
             self.output_dir / "scores.json",
-            json.dumps({"miou": scores.miou, "accuracy": scores.accuracy, "iou": list(scores.iou)}).encode(),
+            json.dumps(scores.to_json(iteration=self.iteration, seed=self.config.run.seed)).encode(),
         )
         figures = tracking.write_figures(
             self.eval_model,

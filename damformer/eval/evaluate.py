@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 
 import torch
@@ -13,6 +13,23 @@ from damformer.data.loader import LoaderOptions, ShardLoader, ShardSet
 from damformer.eval.metrics import ConfusionMatrix, SegmentationScores, scores
 from damformer.models.damformer import model_inputs
 from damformer.progress import progress
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode, then give every submodule back its own train/eval flag.
+
+    ``model.train(was_training)`` would not do: the EMA teacher is in eval mode except its BatchNorm
+    layers, which normalise with the statistics of the batch they label, and a blanket ``train(False)``
+    after an evaluation would leave them in eval mode for the rest of the training.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -41,8 +58,6 @@ def evaluate(
     and ``reduce`` sums the confusion matrices over the ranks.
     """
     device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     matrix = ConfusionMatrix(num_classes)
     loader = ShardLoader(
         shard_set,
@@ -51,13 +66,13 @@ def evaluate(
         world_size=world_size,
     )
     batches = loader if rank else progress(loader, desc="evaluate", unit="batch", total=len(loader))
-    for batch in batches:
-        if "label" not in batch:
-            raise ValueError("evaluation needs labelled shards (these were sharded with --no-labels)")
-        batch = to_device(batch, device)
-        with autocast():
-            logits = model(*model_inputs(batch))["hr"]
-        matrix.update(logits.argmax(dim=1), batch["label"])
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in batches:
+            if "label" not in batch:
+                raise ValueError("evaluation needs labelled shards (these were sharded with --no-labels)")
+            batch = to_device(batch, device)
+            with autocast():
+                logits = model(*model_inputs(batch))["hr"]
+            matrix.update(logits.argmax(dim=1), batch["label"])
     total = matrix.matrix if reduce is None else reduce(matrix.matrix)
     return scores(total)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,21 +41,45 @@ class ConfusionMatrix:
 
 @dataclass(frozen=True)
 class SegmentationScores:
-    """IoU per class (NaN when a class is absent from labels and predictions), their mean, accuracy."""
+    """IoU per class (NaN when a class is absent from labels and predictions), their mean, accuracy.
+
+    ``miou`` averages every class (13 for FLAIR-2); :attr:`miou_without_other` drops the last class,
+    "other", as FLAIR-2's baseline and its challenge report (12 classes). Pixels of "other" still count
+    in the other classes' false positives and negatives: only its own IoU leaves the mean.
+    """
 
     iou: tuple[float, ...]
     miou: float
     accuracy: float
     matrix: np.ndarray
 
+    @property
+    def miou_without_other(self) -> float:
+        """Mean IoU over every class but the last ("other" in FLAIR-2's 13-class setting)."""
+        kept = np.asarray(self.iou[:-1], dtype=np.float64)
+        return float(np.nanmean(kept)) if np.isfinite(kept).any() else float("nan")
+
     def table(self, class_names: Sequence[str]) -> str:
-        """A plain-text table of the per-class IoU."""
+        """A plain-text table of the per-class IoU, the two mIoU conventions and the accuracy."""
         lines = [f"{'class':<22}{'IoU':>8}"]
         for name, value in zip(class_names, self.iou, strict=True):
             lines.append(f"{name:<22}{'n/a' if np.isnan(value) else f'{100 * value:.2f}':>8}")
-        lines.append(f"{'mIoU':<22}{100 * self.miou:>8.2f}")
+        count = len(self.iou)
+        lines.append(f"{f'mIoU ({count} classes)':<22}{100 * self.miou:>8.2f}")
+        lines.append(f"{f'mIoU ({count - 1}, no other)':<22}{100 * self.miou_without_other:>8.2f}")
         lines.append(f"{'overall accuracy':<22}{100 * self.accuracy:>8.2f}")
         return "\n".join(lines)
+
+    def to_json(self, **extra: Any) -> dict[str, Any]:
+        """What ``scores.json`` holds: the mIoUs, accuracy, IoU per class and the confusion matrix."""
+        return {
+            **extra,
+            "miou": self.miou,
+            "miou_without_other": self.miou_without_other,
+            "accuracy": self.accuracy,
+            "iou": list(self.iou),
+            "confusion_matrix": self.matrix.tolist(),
+        }
 
 
 def scores(matrix: torch.Tensor | np.ndarray) -> SegmentationScores:

@@ -48,7 +48,10 @@ class ModelConfig:
         bands: ``rgb`` or ``rgbne``.
         temporal: add U-TAE + deep temporal fusion + LR logits ("+T").
         backbone: MiT size (``mit_b0`` .. ``mit_b5``); None takes the arch's default.
-        pretrained: local MiT weights (SegFormer ``mit_b*.pth`` or a HF folder/file); None: random init.
+        pretrained: local ImageNet MiT weights (SegFormer ``mit_b*.pth``, or a HF folder or file);
+            ``none``: random initialisation, on purpose. Training refuses None (unset) for a MiT arch:
+            DAFormer's recipe assumes ImageNet weights, and a MiT-b4/b5 silently trained from random
+            weights is a different experiment. (Built outside training, None means random too.)
         band_init: how 5 bands meet RGB weights: ``inflate`` the first conv or a 1x1 ``adapter`` to 3;
             None takes the arch's default.
         head: ``daformer`` or ``segformer`` (for arch ``daformer`` only).
@@ -100,9 +103,14 @@ class ModelConfig:
         return self.band_init or ("adapter" if self.arch == "damformer" else "inflate")
 
     @property
+    def inputs(self) -> str:
+        """The ablation's input set, e.g. ``RGB+NIR+E+T``."""
+        return f"{BAND_NAMES[self.bands]}{'+T' if self.temporal else ''}"
+
+    @property
     def name(self) -> str:
         """The ablation's name, e.g. ``DAM-Former RGB+NIR+E+T``."""
-        return f"{ARCH_NAMES[self.arch]} {BAND_NAMES[self.bands]}{'+T' if self.temporal else ''}"
+        return f"{ARCH_NAMES[self.arch]} {self.inputs}"
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
@@ -112,6 +120,11 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"model: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**values)
+
+
+def is_none(pretrained: str | None) -> bool:
+    """Whether ``model.pretrained`` asks for random initialisation (``none``, or unset)."""
+    return pretrained is None or pretrained.strip().lower() in ("none", "null", "")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -133,7 +146,7 @@ def build_model(config: ModelConfig) -> DAMFormer:
     else:
         encoder = MixTransformer(config.mit_size, in_chans=in_chans, drop_path=config.drop_path)
         dims, strides = encoder.embed_dims, [4, 8, 16, 32]
-        if config.pretrained:
+        if config.pretrained and not is_none(config.pretrained):
             load_mit_weights(encoder, config.pretrained)
     if config.arch == "daformer":
         head_class = DAFormerHead if config.head == "daformer" else SegFormerHead

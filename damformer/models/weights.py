@@ -104,7 +104,9 @@ def read_checkpoint(path: Path | str) -> dict[str, torch.Tensor]:
         path = found
     if not path.is_file():
         raise DamformerError(
-            f"{path}: pretrained weights not found (give a local file: nothing is downloaded)"
+            f"{path}: pretrained weights not found (nothing is downloaded at run time: copy SegFormer's "
+            "ImageNet mit_b*.pth, or a Hugging Face nvidia/mit-b* folder, to this path; README: "
+            "pretrained weights)"
         )
     try:
         if path.suffix == ".safetensors":

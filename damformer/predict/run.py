@@ -16,6 +16,7 @@ inputs are split across the ranks and each rank writes its own maps.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Callable, Sequence
@@ -93,7 +94,8 @@ def load_model(checkpoint: Path, *, teacher: bool = False) -> tuple[torch.nn.Mod
             f"{checkpoint}: a model of {model_config.num_classes} classes; maps, colours and scores here are "
             f"for the {len(FLAIR_CLASSES)} FLAIR classes"
         )
-    model = build_model(model_config)
+    # The checkpoint holds every weight: the ImageNet file named at training time need not exist here.
+    model = build_model(dataclasses.replace(model_config, pretrained=None))
     prefix = "teacher.model." if teacher else "student."
     weights = {k.removeprefix(prefix): v for k, v in state["uda"].items() if k.startswith(prefix)}
     if not weights:

@@ -15,6 +15,7 @@ import torch
 from damformer.config import RunConfig
 from damformer.data.classes import FLAIR_CLASSES
 from damformer.data.loader import LoaderOptions, ShardLoader, ShardSet
+from damformer.eval.evaluate import eval_mode
 from damformer.eval.metrics import SegmentationScores
 from damformer.models.damformer import model_inputs
 from damformer.tracking.figures import confusion_png, mosaic_png
@@ -58,6 +59,8 @@ def start_tracking(
     uri = log_config.tracking_uri or default_tracking_uri(output_dir)
     local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
     tags = {
+        "seed": str(config.run.seed),
+        "inputs": config.model.inputs,
         "git_commit": git_commit(),
         "world_size": str(world_size),
         "engine": engine,
@@ -69,10 +72,12 @@ def start_tracking(
         "uda": str(config.uda.enabled),
         "output_dir": str(output_dir.resolve()),
     }
+    if log_config.parent_run_id:
+        tags["mlflow.parentRunId"] = log_config.parent_run_id  # nested under a study in the MLflow UI
     tracker = Tracker(
         uri,
         log_config.experiment or "damformer",
-        run_name(config),
+        log_config.run_name or run_name(config),
         artifact_root=output_dir / "mlruns" if local else None,
         run_id=run_id,
         tags=tags,
@@ -96,7 +101,11 @@ def system_metrics(*, samples_per_second: float, device: torch.device) -> dict[s
 
 def eval_metrics(scores: SegmentationScores) -> dict[str, float]:
     """mIoU, accuracy and one ``iou_<class>`` per class (absent classes are left out)."""
-    metrics = {"miou": scores.miou, "accuracy": scores.accuracy}
+    metrics = {
+        "miou": scores.miou,
+        "miou_without_other": scores.miou_without_other,
+        "accuracy": scores.accuracy,
+    }
     for cls, value in zip(FLAIR_CLASSES, scores.iou, strict=False):
         if np.isfinite(value):
             metrics[f"iou_{cls.name.replace(' ', '_')}"] = float(value)
@@ -130,11 +139,8 @@ def write_figures(
     batch: dict[str, Any] = next(iter(loader))
     device = next(model.parameters()).device
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    was_training = model.training
-    model.eval()
-    with autocast():
+    with eval_mode(model), autocast():
         prediction = model(*model_inputs(batch))["hr"].argmax(dim=1).cpu().numpy()
-    model.train(was_training)
     labels = batch.get("label")
     rows = [
         (_rgb(batch["aerial"][i]), labels[i].cpu().numpy() if labels is not None else None, prediction[i])

@@ -9,7 +9,8 @@ Order per iteration (method.md section 5):
 3. ClassMix per image: half of each source image's classes pasted onto a target image; mixed labels =
    source labels inside, pseudo-labels outside; weights 1 inside, the confidence weight outside;
    strong photometric augmentation of the mixed images; the mixed sample keeps the **target's**
-   Sentinel-2 series (its background is the target patch); mixed loss, backward;
+   Sentinel-2 series (its background is the target patch); mixed loss, backward. The LR term of that
+   loss supervises the target's own pixels only: the pasted source pixels have no series there;
 4. optional MIC: masked target, pseudo-labelled by the teacher, backward.
 
 The caller then steps the optimiser and calls :meth:`SelfTraining.update_teacher`. Backward goes
@@ -37,13 +38,23 @@ Backward = Callable[[torch.Tensor], None]
 
 
 def weighted_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Pixel cross-entropy (ignore index 255), times an optional pixel weight, averaged over all pixels."""
+    """Pixel cross-entropy (ignore index 255), times an optional pixel weight, averaged over pixels.
+
+    Without ``valid`` the mean runs over all pixels (DAFormer). With a (B, H, W) bool ``valid`` it runs
+    over the valid pixels only: the loss of a region alone, as if the rest of the image were not there.
+    """
     loss = F.cross_entropy(logits.float(), labels.long(), reduction="none", ignore_index=IGNORE_INDEX)
     if weight is not None:
         loss = loss * weight
-    return loss.mean()
+    if valid is None:
+        return loss.mean()
+    valid = valid.to(loss.dtype)
+    return (loss * valid).sum() / valid.sum().clamp_min(1.0)
 
 
 def dice_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -106,14 +117,25 @@ class SelfTraining(nn.Module):
     # -- losses ------------------------------------------------------------------------------------
 
     def supervised_loss(
-        self, out: dict[str, Any], labels: torch.Tensor, weight: torch.Tensor | None = None
+        self,
+        out: dict[str, Any],
+        labels: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        *,
+        lr_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Mixed loss: HR cross-entropy, plus the LR branch's when the model has one."""
+        """Mixed loss: HR cross-entropy, plus the LR branch's when the model has one.
+
+        ``lr_valid`` (B, H, W) bool: the pixels the LR term may supervise (None: all). In the ClassMix
+        batch these are the target's own pixels: the pasted source pixels have no Sentinel-2 series of
+        their own (the batch carries the target's), so their labels say nothing about that series.
+        """
         loss = self.config.hr_weight * weighted_cross_entropy(out["hr"], labels, weight)
         if self.config.region_loss == "dice":
             loss = loss + self.config.region_weight * dice_loss(out["hr"], labels, weight)
         if out.get("lr") is not None and self.config.lr_weight > 0:
-            loss = loss + self.config.lr_weight * weighted_cross_entropy(out["lr"], labels, weight)
+            lr_loss = weighted_cross_entropy(out["lr"], labels, weight, valid=lr_valid)
+            loss = loss + self.config.lr_weight * lr_loss
         return loss
 
     def feature_distance(self, source: Batch, features: list[torch.Tensor]) -> torch.Tensor:
@@ -160,7 +182,10 @@ class SelfTraining(nn.Module):
         with torch.no_grad(), self.autocast():
             teacher_out = self.teacher(*model_inputs(target))  # the target with its own S2 series
             probs = ensemble_probabilities(
-                teacher_out["hr"], teacher_out["lr"], lr_weight=self.config.ensemble_lr_weight
+                teacher_out["hr"],
+                teacher_out["lr"],
+                lr_weight=self.config.ensemble_lr_weight,
+                form=self.config.ensemble,
             )
             labels, weight = pseudo_labels(
                 probs, threshold=self.config.pseudo_threshold, mode=self.config.pseudo_weight
@@ -181,7 +206,7 @@ class SelfTraining(nn.Module):
         mixed_weight = mix(masks, torch.ones_like(weight), weight)
         with self.autocast():
             mixed_out = self.student_forward(*model_inputs(mixed))
-            mixed_loss = self.supervised_loss(mixed_out, mixed_labels, mixed_weight)
+            mixed_loss = self.supervised_loss(mixed_out, mixed_labels, mixed_weight, lr_valid=~masks)
         metrics["loss_mixed"] = float(mixed_loss.detach())
         backward(mixed_loss * scale)
         del mixed_out

@@ -69,10 +69,19 @@ class StrongAugment:
                 out[index] = self._blur(out[index], 0.15 + draws[7])
         return out
 
-    def _jitter(self, image: torch.Tensor, draws: list[float]) -> torch.Tensor:
+    def jitter_factors(self, draws: list[float]) -> tuple[float, float, float, float]:
+        """(brightness, contrast, saturation, hue) from four uniform draws in [0, 1).
+
+        As torchvision's ``ColorJitter(s, s, s, s)`` (DAFormer's, s = 0.2): the first three factors in
+        [1 - s, 1 + s]; hue a shift in [-s, s] of a full turn (+-72 degrees at s = 0.2).
+        """
         s = self.jitter
         brightness, contrast, saturation = (1 + s * (2 * d - 1) for d in draws[:3])
-        hue = s * (2 * draws[3] - 1) * 0.5  # fraction of a full turn, as torchvision: [-0.1, 0.1]
+        hue = s * (2 * draws[3] - 1)
+        return brightness, contrast, saturation, hue
+
+    def _jitter(self, image: torch.Tensor, draws: list[float]) -> torch.Tensor:
+        brightness, contrast, saturation, hue = self.jitter_factors(draws)
         rgb = image[:3]
         rgb = rgb * brightness
         grey = (0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]).mean()

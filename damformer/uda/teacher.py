@@ -74,14 +74,39 @@ class EMATeacher(nn.Module):
         return self.model(*args)
 
 
+EnsembleForm = Literal["released", "normalised"]
+
+
 def ensemble_probabilities(
-    hr_logits: torch.Tensor, lr_logits: torch.Tensor | None, *, lr_weight: float = 0.2
+    hr_logits: torch.Tensor,
+    lr_logits: torch.Tensor | None,
+    *,
+    lr_weight: float = 0.2,
+    form: EnsembleForm = "released",
 ) -> torch.Tensor:
-    """(1 - w) softmax(HR) + w softmax(LR): DAM-Former's ensemble pseudo-label (HR only without LR)."""
+    """DAM-Former's ensemble pseudo-label scores from the teacher's HR and LR logits (B, K, H, W).
+
+    Both forms have the same argmax (the label); they differ in the confidence, the maximum over
+    classes that :func:`pseudo_labels` compares with the threshold:
+
+    * ``released`` (the authors' code, the default): ``softmax(HR) + w softmax(LR)``, not normalised,
+      so the confidence lies in [0, 1 + w]. A pixel the HR branch is sure of (p_HR >= 0.968) always
+      passes 0.968, and the LR branch can lift an unsure one over it;
+    * ``normalised``: ``(1 - w) softmax(HR) + w softmax(LR)``, a probability. With w = 0.2 and the
+      threshold 0.968 a pixel passes only if p_LR >= 0.84 even when p_HR = 1: pseudo-labels then
+      collapse while the 10 m branch is unsure. It needs a lower ``uda.pseudo_threshold``.
+
+    Without LR logits (or w = 0) both are softmax(HR).
+    """
+    if form not in ("released", "normalised"):
+        raise ValueError(f"uda.ensemble: expected released or normalised, found {form!r}")
     probs = torch.softmax(hr_logits.float(), dim=1)
     if lr_logits is None or lr_weight == 0:
         return probs
-    return (1.0 - lr_weight) * probs + lr_weight * torch.softmax(lr_logits.float(), dim=1)
+    lr_probs = torch.softmax(lr_logits.float(), dim=1)
+    if form == "normalised":
+        return (1.0 - lr_weight) * probs + lr_weight * lr_probs
+    return probs + lr_weight * lr_probs
 
 
 def pseudo_labels(
@@ -89,9 +114,12 @@ def pseudo_labels(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hard labels and their confidence weights from class probabilities.
 
+    ``probs_bkhw``: class scores, e.g. :func:`ensemble_probabilities` (in its released form they may
+    sum to more than 1: the confidence is still their maximum).
+
     Returns:
         ``labels`` (B, H, W) int64 (argmax) and ``weight`` (B, H, W) float: the fraction of confident
-        pixels (max probability >= ``threshold``) of the whole batch (``batch``, DAFormer), of each
+        pixels (max score >= ``threshold``) of the whole batch (``batch``, DAFormer), of each
         image (``image``), or 1/0 per pixel (``pixel``).
     """
     confidence, labels = probs_bkhw.max(dim=1)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchrun_helpers import EQUIVALENT, run, standalone, student, torchrun
+from torchrun_helpers import EQUIVALENT, one_thread, run, standalone, student, torchrun
 
 from damformer.config import ConfigError, load_config
 from damformer.engine import deepspeed_engine
@@ -28,7 +28,8 @@ def deepspeed_ops():
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_equals_one_process_with_the_same_global_batch(stage, tiny_overrides, tmp_path):
     single = tiny_overrides(tmp_path / "single", **{**EQUIVALENT, "optim": {"max_iters": 4, "grad_accum": 2}})
-    Trainer(load_config(None, single)).run()
+    with one_thread():
+        Trainer(load_config(None, single)).run()
     zero = {**EQUIVALENT, "dist": {"engine": "deepspeed", "zero_stage": stage}}
     result = run(torchrun(standalone(), tiny_overrides(tmp_path / "zero", **zero)))
     assert f"DeepSpeed ZeRO stage {stage}" in result.stderr

@@ -12,6 +12,7 @@ from torchrun_helpers import (
     clean_env,
     free_port,
     is_bn_buffer,
+    one_thread,
     run,
     standalone,
     student,
@@ -43,7 +44,8 @@ def test_ddp_equals_one_process_with_the_same_global_batch(tiny_overrides, tmp_p
     single = tiny_overrides(tmp_path / "single", **{**EQUIVALENT, "optim": {"max_iters": 4, "grad_accum": 2}})
     trainer = Trainer(load_config(None, single))
     initial = {f"student.{k}": v.clone() for k, v in trainer.model.state_dict().items()}
-    trainer.run()
+    with one_thread():
+        trainer.run()
     run(torchrun(standalone(), tiny_overrides(tmp_path / "ddp", **EQUIVALENT)))
     state = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")
     assert state["world_size"] == 2 and len(state["ranks"]) == 2

@@ -240,7 +240,7 @@ def test_torchrun_splits_the_patches_across_ranks(checkpoints, tiny_shards, tmp_
     for name in maps:
         with rasterio.open(out / name) as a, rasterio.open(single / name) as b:
             assert np.array_equal(a.read(), b.read())
-    assert result.stdout.count("mIoU") == 1  # rank 0 prints the scores summed over the ranks
+    assert result.stdout.count("mIoU (13 classes)") == 1  # rank 0 prints the scores summed over the ranks
 
 
 def test_a_checkpoint_of_another_class_count_is_refused(checkpoints, tiny_shards, tmp_path, capsys):

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -115,3 +117,49 @@ def test_shard_job_array_writes_one_shard_set_per_domain(slurm, tiny_shards, tmp
     bad = _sbatch(slurm, tmp_path, "--array=2", "--cpus-per-task=1", *shard, wait=True)
     assert slurm.job(bad)["JobState"] == "FAILED"
     assert "array task 2 has no domain" in (tmp_path / f"damformer-shard-{bad}_2.out").read_text()
+
+
+def test_study_job_array_with_a_requeued_task_equals_a_local_run(slurm, study_file, study_sets, tmp_path):
+    """slurm/study.sh: 2 configs x 2 seeds as a job array + the collecting job; one task is sent the
+    pre-timeout signal mid-run, checkpoints, requeues and resumes: the table equals a local run's."""
+    study = study_file(tmp_path / "grid", ["unet_t-rgbne", "unet_c-rgbne"], seeds=[0, 1])
+    sets = study_sets(**{"optim.max_iters": 30, "log.checkpoint_interval": 1})
+    study_options = ["--output-dir", str(tmp_path / "slurm-study")] + [p for s in sets for p in ("--set", s)]
+    trainings = [*CPU_JOB[:2], "--cpus-per-task=1", "--time=15", f"--chdir={tmp_path}"]
+    trainings.append("--export=ALL,NPROC_PER_NODE=1")  # one process per run, as the local study
+    slurm.env["COLLECT_SBATCH"] = f"--cpus-per-task=1 --time=15 --chdir={tmp_path}"
+    slurm.env["STUDY_POLL"] = "2"
+    submitted = slurm.run(
+        "bash", str(SLURM / "study.sh"), str(study), *trainings, "--", *study_options, timeout=120
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    array = re.search(r"submitted job array (\d+): 4 training", submitted.stdout).group(1)
+    collect = re.search(r"submitted collecting job (\d+)", submitted.stdout).group(1)
+
+    # Task 1 (unet_t-rgbne, seed 1): the pre-timeout signal once it has a checkpoint.
+    checkpoint = tmp_path / "slurm-study" / "runs" / "unet_t-rgbne" / "seed-1" / "checkpoint.pt"
+    deadline = time.monotonic() + 240
+    while not checkpoint.is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert checkpoint.is_file(), slurm.job(f"{array}_1")
+    signalled = slurm.run("scancel", "--signal=USR1", "--batch", f"{array}_1")
+    assert signalled.returncode == 0, signalled.stderr
+    done = slurm.wait_for(
+        collect, lambda j: j["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"), timeout=500
+    )
+    collect_log = tmp_path / f"damformer-study-collect-{collect}.out"
+    assert done["JobState"] == "COMPLETED", collect_log.read_text()[-3000:] if collect_log.is_file() else done
+    task = slurm.job(f"{array}_1")
+    assert task["JobState"] == "COMPLETED" and int(task["Restarts"]) == 1, task
+    node_log = (tmp_path / "logs" / f"damformer-study-{task['JobId']}" / "node-0.log").read_text()
+    assert "on request (stop file" in node_log and "resumed from" in node_log
+
+    local = subprocess.run(
+        [sys.executable, "-m", "damformer", "-q", "study", str(study), "--jobs", "2",
+         "--output-dir", str(tmp_path / "local-study"), *study_options[2:]],
+        capture_output=True, text=True, check=False, env=slurm.env,
+    )  # fmt: skip
+    assert local.returncode == 0, local.stderr[-3000:]
+    table = (tmp_path / "slurm-study" / "results.csv").read_text()
+    assert table.count("\n") == 3 and ",2,2," in table  # two configurations, 2 of 2 seeds each
+    assert table == (tmp_path / "local-study" / "results.csv").read_text()

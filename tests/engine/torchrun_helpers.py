@@ -1,5 +1,6 @@
 """Launch helpers shared by the distributed tests: torchrun command lines, a clean environment."""
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -19,6 +20,23 @@ EQUIVALENT = {
     "optim": {"max_iters": 4},
     "eval": {"interval": 0},
 }
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the one-process reference with the thread count of the torchrun workers (OMP_NUM_THREADS=1).
+
+    With another thread count, convolution backward sums in another order, and Adam turns those last-bit
+    differences of near-zero gradients into whole steps: the comparison then depends on the CPU's kernels
+    (it passed on one machine and failed on another). With equal threads, two ranks' averaged gradient
+    (a + b is exact in either order) equals one process's accumulated gradient.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def free_port() -> int:

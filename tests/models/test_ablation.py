@@ -20,11 +20,19 @@ def test_one_config_per_cell_of_the_ablation():
     assert cells == expected and len(CONFIGS) == 16
 
 
+def test_every_mit_config_names_its_imagenet_weights():
+    for path in CONFIGS:
+        config = ModelConfig.from_dict(yaml.safe_load(path.read_text())["model"])
+        expected = None if config.arch == "unet_c" else f"weights/{config.mit_size}.pth"
+        assert config.pretrained == expected, path.name
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_builds_runs_forward_and_backward(path):
     torch.manual_seed(0)
     config = ModelConfig.from_dict(yaml.safe_load(path.read_text())["model"])
-    model = build_model(config)  # the shipped size (MiT-b4/b5 where configured), at a small input
+    config.pretrained = "none"  # the shipped size (MiT-b4/b5 where configured), random weights, small input
+    model = build_model(config)
     aerial = torch.randint(0, 256, (2, 5, 64, 64), dtype=torch.uint8)
     s2 = torch.rand(2, 3, 10, 16, 16) * 3000
     mask = torch.tensor([[True, True, True], [True, True, False]])

@@ -83,10 +83,12 @@ def test_teacher_batch_norm_uses_the_labelled_batch_statistics():
 def test_ensemble_weighting():
     hr = torch.log(torch.tensor([0.6, 0.4]))[None, :, None, None]
     lr = torch.log(torch.tensor([0.1, 0.9]))[None, :, None, None]
-    probs = ensemble_probabilities(hr, lr, lr_weight=0.2)
+    probs = ensemble_probabilities(hr, lr, lr_weight=0.2, form="normalised")
     torch.testing.assert_close(
         probs[0, :, 0, 0], torch.tensor([0.8 * 0.6 + 0.2 * 0.1, 0.8 * 0.4 + 0.2 * 0.9])
     )
+    released = ensemble_probabilities(hr, lr, lr_weight=0.2)  # the default: the authors' sum
+    torch.testing.assert_close(released[0, :, 0, 0], torch.tensor([0.6 + 0.2 * 0.1, 0.4 + 0.2 * 0.9]))
     torch.testing.assert_close(ensemble_probabilities(hr, None)[0, :, 0, 0], torch.tensor([0.6, 0.4]))
     flipped = ensemble_probabilities(hr, lr, lr_weight=0.5)  # a strong LR branch can change the label
     assert flipped[0, :, 0, 0].argmax() == 1

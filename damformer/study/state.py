@@ -1,0 +1,84 @@
+"""Where each run of a study stands, read from its folder, and the study's own small state file.
+
+A run is *finished* when its ``scores.json`` records the last iteration of its schedule (it is written
+after the final evaluation), *interrupted* when it has a checkpoint but is not finished, *pending*
+otherwise. ``OUTPUT/study.json`` adds what a folder cannot say: the MLflow parent run, and how the last
+local attempt of each run ended (a failed run is retried on the next invocation, from its checkpoint).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from typing import Any
+
+from damformer.data.shard_io import atomic_write_bytes
+from damformer.engine.checkpoint import CHECKPOINT_NAME
+from damformer.study.spec import Study, StudyRun
+
+STATE_FILE = "study.json"
+FINISHED, INTERRUPTED, PENDING, FAILED = "finished", "interrupted", "pending", "failed"
+
+
+def read_scores(run: StudyRun) -> dict[str, Any] | None:
+    """The run's ``scores.json`` (None when absent or unreadable)."""
+    path = run.output_dir / "scores.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def folder_status(study: Study, run: StudyRun) -> str:
+    """finished, interrupted or pending, from the run's folder alone."""
+    scores = read_scores(run)
+    if scores is not None and scores.get("iteration", -1) >= study.resolved_config(run).optim.max_iters:
+        return FINISHED
+    if (run.output_dir / CHECKPOINT_NAME).is_file():
+        return INTERRUPTED
+    return PENDING
+
+
+class StudyState:
+    """``OUTPUT/study.json``: the parent MLflow run and each run's last local attempt (atomic writes)."""
+
+    def __init__(self, study: Study) -> None:
+        self.path = study.output_dir / STATE_FILE
+        self.values: dict[str, Any] = {"name": study.name, "parent_run_id": None, "runs": {}}
+        if self.path.is_file():
+            with contextlib.suppress(ValueError):  # damaged: attempt counts are lost, folders say the rest
+                self.values.update(json.loads(self.path.read_text()))
+
+    @property
+    def parent_run_id(self) -> str | None:
+        """The study's MLflow parent run, once created."""
+        return self.values.get("parent_run_id")
+
+    @parent_run_id.setter
+    def parent_run_id(self, value: str | None) -> None:
+        self.values["parent_run_id"] = value
+        self.save()
+
+    def attempt(self, run: StudyRun) -> dict[str, Any]:
+        """The record of ``run``'s last attempt (empty if never launched here)."""
+        return self.values["runs"].get(run.key, {})
+
+    def record(self, run: StudyRun, **fields: Any) -> None:
+        """Update ``run``'s record (status, exit code, attempts, times) and save."""
+        entry = self.values["runs"].setdefault(run.key, {"attempts": 0})
+        entry.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        self.save()
+
+    def save(self) -> None:
+        """Write the state atomically."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.path, json.dumps(self.values, indent=1).encode())
+
+
+def status(study: Study, run: StudyRun, state: StudyState) -> str:
+    """The folder's status, or ``failed`` when the last attempt failed and the run is not finished."""
+    found = folder_status(study, run)
+    if found != FINISHED and state.attempt(run).get("status") == FAILED:
+        return FAILED
+    return found
