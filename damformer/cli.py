@@ -7,10 +7,12 @@ one line on stderr with exit code 2, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -234,8 +236,9 @@ def _add_shard_parsers(commands: argparse._SubParsersAction) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from damformer.config import load_config
+    from damformer.engine.device import resolve_device
     from damformer.engine.distributed import init_distributed, teardown
-    from damformer.engine.train import Trainer, resolve_device
+    from damformer.engine.train import Trainer
     from damformer.tracking.mlflow_tracker import experiment_family
 
     config = load_config(args.config, args.set)
@@ -279,36 +282,68 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_predict(args: argparse.Namespace) -> int:
-    from damformer.data.classes import FLAIR_CLASSES
-    from damformer.engine.cpu_memory import retain_freed_memory
-    from damformer.engine.distributed import init_distributed, sum_over_ranks, teardown
-    from damformer.engine.train import amp_context, resolve_device
-    from damformer.predict.run import (
-        MosaicOptions,
-        Outputs,
-        SentinelStack,
-        check_mosaic,
-        load_model,
-        predict_flair2,
-        predict_mosaics,
-    )
-    from damformer.predict.sliding import PatchPredictor
+def _writable_folder(path: Path, option: str) -> None:
+    """``path`` is a folder, or can become one, that this process can write (checked without writing)."""
+    if path.exists() and not path.is_dir():
+        raise _OptionError(f"{option} {path}: is a file, expected a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    try:  # a real probe: permission bits say nothing for root, nor for a read-only file system
+        descriptor, probe = tempfile.mkstemp(dir=existing, prefix=".damformer-probe-")
+        os.close(descriptor)
+        os.unlink(probe)
+    except OSError as exc:
+        raise _OptionError(f"{option} {path}: cannot write in {existing} ({exc.strerror})") from None
 
-    model, model_config, state = load_model(args.checkpoint, teacher=args.teacher)
-    flair2 = len(args.src) == 1 and args.src[0].is_dir()
-    missing = [str(path) for path in args.src if not path.exists()]
-    if missing:
-        raise _OptionError(f"--src: not found: {', '.join(missing)}")
-    if args.s2 and not args.s2_dates:
-        raise _OptionError("--s2 needs --s2-dates (a text file, one YYYY-MM-DD per line, one per date)")
-    stack = SentinelStack.open(args.s2, args.s2_dates) if args.s2 else None
-    if not flair2:
-        for path in args.src:
-            check_mosaic(path, model_config, stack)
+
+def _check_predict_options(args: argparse.Namespace) -> int:
+    """Option values before anything is loaded; returns the stride."""
+    if args.batch_size < 1:
+        raise _OptionError(f"--batch-size {args.batch_size}: expected >= 1")
+    if args.window < 32 or args.window % 32:
+        raise _OptionError(
+            f"--window {args.window}: expected a multiple of 32 (the encoder's deepest stride), e.g. "
+            f"{max(32, args.window // 32 * 32)} or {max(32, -(-args.window // 32) * 32)}"
+        )
     stride = args.stride or max(1, args.window * 3 // 4)
     if not 1 <= stride <= args.window:
         raise _OptionError(f"--stride {stride}: expected 1..--window ({args.window})")
+    if args.s2 and not args.s2_dates:
+        raise _OptionError("--s2 needs --s2-dates (a text file, one YYYY-MM-DD per line, one per date)")
+    missing = [str(path) for path in args.src if not path.exists()]
+    if missing:
+        raise _OptionError(f"--src: not found: {', '.join(missing)}")
+    _writable_folder(args.out, "--out")
+    return stride
+
+
+def _parse_bands(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected 1-based band numbers separated by commas, found {text!r}"
+        ) from None
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from damformer.data.classes import FLAIR_CLASSES
+    from damformer.engine.cpu_memory import retain_freed_memory
+    from damformer.engine.device import amp_context, resolve_device
+    from damformer.engine.distributed import init_distributed, sum_over_ranks, teardown
+    from damformer.predict.mosaic import MosaicOptions, SentinelStack, check_mosaic, predict_mosaics
+    from damformer.predict.run import Outputs, load_model, predict_flair2
+    from damformer.predict.sliding import PatchPredictor
+
+    stride = _check_predict_options(args)
+    model, model_config, state = load_model(args.checkpoint, teacher=args.teacher)
+    flair2 = len(args.src) == 1 and args.src[0].is_dir()
+    stack = SentinelStack.open(args.s2, args.s2_dates, reference=args.s2_reference) if args.s2 else None
+    options = MosaicOptions(
+        args.window, stride, args.batch_size, stack, bands=args.bands, allow_partial_s2=args.allow_partial_s2
+    )
+    mosaics = [] if flair2 else [check_mosaic(path, model_config, options) for path in args.src]
     device = resolve_device(args.device)
     retain_freed_memory(device)
     dist = init_distributed(device)
@@ -328,9 +363,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 if result is not None:
                     print(result.table([c.name for c in FLAIR_CLASSES][: model_config.num_classes]))
         else:
-            options = MosaicOptions(args.window, stride, args.batch_size, stack)
             written = predict_mosaics(
-                args.src, model_config, outputs, options, predictor=predictor, rank=dist.rank,
+                mosaics, model_config, outputs, options, predictor=predictor, rank=dist.rank,
                 world_size=dist.world_size,
             )  # fmt: skip
             for source, path in zip(args.src[dist.rank :: dist.world_size], written, strict=True):
@@ -360,7 +394,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from damformer.data.classes import FLAIR_CLASSES
     from damformer.data.loader import ShardSet
     from damformer.engine.cpu_memory import retain_freed_memory
-    from damformer.engine.train import resolve_device
+    from damformer.engine.device import resolve_device
     from damformer.eval.evaluate import evaluate
     from damformer.predict.run import load_model
 
@@ -548,7 +582,29 @@ def _add_training_parsers(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("--quicklook", action="store_true", help="also NAME.png (colourised map)")
     predict.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     predict.add_argument("--s2", type=Path, help="Sentinel-2 stack GeoTIFF (T x 10 bands) for +T models")
-    predict.add_argument("--s2-dates", type=Path, help="its dates: one YYYY-MM-DD per line")
+    predict.add_argument(
+        "--s2-dates",
+        type=Path,
+        help="its dates: one YYYY-MM-DD per line (a monthly mean is dated the 15th, as in training)",
+    )
+    predict.add_argument(
+        "--s2-reference",
+        type=dt.date.fromisoformat,
+        metavar="YYYY-MM-DD",
+        help="origin of the day offsets fed to U-TAE (default: May 15 of the first date's year, as training)",
+    )
+    predict.add_argument(
+        "--allow-partial-s2",
+        action="store_true",
+        help="accept a stack that covers the raster only in part (windows outside it read zeros)",
+    )
+    predict.add_argument(
+        "--bands",
+        type=_parse_bands,
+        metavar="I,J,...",
+        help="1-based bands of the raster in the model's order (R,G,B,NIR,elevation; R,G,B for RGB models); "
+        "needed when the raster has another band count than 5 or the model's",
+    )
     predict.set_defaults(run=_cmd_predict)
 
     compare = commands.add_parser(

@@ -10,24 +10,8 @@ set -euo pipefail
 out="${1:-runs/demo}"
 mkdir -p "$out"
 
-echo "== 1/8 miniature FLAIR-2 -> $out/flair2"
-damformer synth --out "$out/flair2" --overwrite --patch-size 128 --patches-per-zone 12
-
-echo "== 2/8 south domains (UDA source), train split"
-damformer read --root "$out/flair2" --domains south
-
-echo "== 3/8 north domains (UDA target), held-out test split"
-damformer read --root "$out/flair2" --split test --domains north
-
-echo "== 4/8 shards: source, target (labels dropped: UDA never sees them), target test"
-# --sat-size 16: a 160 m Sentinel-2 crop around each 25.6 m patch (configs/demo/damformer.yaml: footprint 0.16)
-shard=(damformer shard --src "$out/flair2" --sat-size 16 --overwrite)
-"${shard[@]}" --domains south --out "$out/shards/south" --max-samples 8
-"${shard[@]}" --domains north --no-labels --out "$out/shards/north" --max-samples 8
-"${shard[@]}" --domains north --split test --out "$out/shards/north-test"
-
-echo "== 5/8 verify every shard (sizes, sha256, every sample decodes)"
-damformer shard verify "$out/shards/south" "$out/shards/north" "$out/shards/north-test"
+echo "== 1-5/8 miniature FLAIR-2, source/target domains read and validated, shards, verification"
+bash "$(dirname "${BASH_SOURCE[0]}")/miniature_data.sh" "$out"
 
 echo "== 6/8 train south -> north: source only, UDA, DAM-Former (configs/demo/*.yaml)"
 # Two trainings at a time, one thread each (2 cores): DAM-Former (the longest) beside source only,

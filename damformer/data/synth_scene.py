@@ -3,10 +3,14 @@
 The point of the miniature dataset is to be *learnable* and *domain-shifted* in the ways that matter to
 DAM-Former, not to be pretty:
 
-- every class has its own aerial colour / NIR / elevation and texture (stripes for vineyards and
-  ploughed fields, canopy blobs for forests, rectangles of roofs in urban fabric), and its own
-  Sentinel-2 phenology (vegetation fraction over the year mixing soil, vegetation, urban or water
-  spectra), so both branches carry signal;
+- most classes have their own aerial colour / NIR / elevation and texture (stripes for vineyards,
+  canopy blobs for forests, rectangles of roofs in urban fabric), and every class its own Sentinel-2
+  phenology (vegetation fraction over the year mixing soil, vegetation, urban or water spectra), so
+  both branches carry signal;
+- three *twin* pairs (``TWINS``) look the same in the single summer aerial image but not over the
+  year, as in FLAIR-2 where they are the typical confusions: herbaceous vegetation vs agricultural
+  land, coniferous vs deciduous, bare soil vs plowed land. Only the Sentinel-2 time series tells them
+  apart, which is what DAM-Former's temporal branch is for;
 - the aerial map and the Sentinel-2 superpatch are drawn from the same zone-level land cover, so the
   two sensors agree where the aerial footprint lies;
 - a region (``south`` or ``north``) sets class priors, an aerial radiometric shift (per-band gain and
@@ -82,19 +86,25 @@ class AerialLook:
     stripe_rgbn: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # added on alternate stripes
 
 
+# Twin pairs (raw codes): one aerial look each, different phenology (see the module docstring).
+TWINS: tuple[tuple[int, int], ...] = ((10, 11), (6, 7), (4, 12))
+_FIELD = AerialLook((100, 148, 80, 172), 1, 7)  # herbaceous vegetation and agricultural land in summer
+_FOREST = AerialLook((56, 88, 58, 150), 62, 10, "canopy")  # coniferous and deciduous canopies
+_SOIL = AerialLook((152, 126, 100, 114), 0, 7)  # bare soil and plowed land
+
 AERIAL_LOOKS: dict[int, AerialLook] = {
     1: AerialLook((158, 138, 130, 112), 45, 6),
     2: AerialLook((112, 132, 92, 150), 2, 8),
     3: AerialLook((118, 118, 122, 88), 0, 5),
-    4: AerialLook((172, 146, 112, 132), 0, 7),
+    4: _SOIL,
     5: AerialLook((42, 62, 84, 22), 0, 3),
-    6: AerialLook((44, 66, 52, 118), 70, 9, "canopy"),
-    7: AerialLook((68, 108, 62, 182), 55, 10, "canopy"),
+    6: _FOREST,
+    7: _FOREST,
     8: AerialLook((102, 114, 78, 146), 10, 12, "canopy"),
     9: AerialLook((136, 126, 96, 128), 5, 6, "stripes", 12, (-55, -25, -35, 45)),
-    10: AerialLook((98, 146, 76, 170), 1, 7),
-    11: AerialLook((146, 158, 96, 176), 2, 6, "stripes", 18, (-12, -10, -8, 12)),
-    12: AerialLook((132, 106, 86, 96), 0, 6, "stripes", 8, (-22, -20, -16, -14)),
+    10: _FIELD,
+    11: _FIELD,
+    12: _SOIL,
     13: AerialLook((66, 168, 204, 38), 0, 4),
     14: AerialLook((238, 240, 246, 205), 0, 3),
     15: AerialLook((122, 110, 84, 118), 3, 14),
@@ -136,7 +146,7 @@ PHENOLOGY: dict[int, Phenology] = {
     9: Phenology("soil", 0.18, 0.50, 210, 45),
     10: Phenology("soil", 0.35, 0.45, 140, 55),
     11: Phenology("soil", 0.05, 0.85, 165, 32),
-    12: Phenology("soil", 0.08, 0.30, 95, 25),
+    12: Phenology("soil", 0.12, 0.38, 105, 55),  # crop residue, a spring crop ploughed in by the flight
     13: Phenology("water", 0.0),
     14: Phenology("soil", 0.0),
     15: Phenology("soil", 0.15, 0.20, 170, 60),

@@ -40,6 +40,7 @@ from damformer.engine.checkpoint import (
     set_rng_state,
 )
 from damformer.engine.cpu_memory import retain_freed_memory
+from damformer.engine.device import amp_context, resolve_device
 from damformer.engine.distributed import (
     DistContext,
     barrier,
@@ -63,15 +64,6 @@ log = logging.getLogger(__name__)
 def _due(iteration: int, interval: int) -> bool:
     """Whether a periodic action with this interval falls on ``iteration`` (interval 0: never)."""
     return interval > 0 and iteration % interval == 0
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"run.device: {name} requested but no CUDA device is visible")
-    return torch.device(name)
 
 
 def open_shard_sets(config: RunConfig) -> tuple[ShardSet, ShardSet | None, ShardSet | None]:
@@ -125,20 +117,6 @@ def _warn_if_large_mit_from_scratch(config: RunConfig) -> None:
             "(lr 6e-5, 40k iterations) assumes ImageNet weights, so expect a much weaker model",
             model.mit_size,
         )
-
-
-def amp_context(name: str, device: torch.device) -> tuple[Any, torch.amp.GradScaler | None]:
-    """(autocast context factory, GradScaler or None) for ``run.precision``."""
-    if name == "fp32":
-        return contextlib.nullcontext, None
-    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(
-            f"run.precision: bf16 is not supported on {torch.cuda.get_device_name(device)} "
-            "(V100 and older): use run.precision=fp16"
-        )
-    dtype = torch.bfloat16 if name == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
-    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
 
 @dataclass

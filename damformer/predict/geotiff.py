@@ -19,14 +19,12 @@ from xml.sax.saxutils import quoteattr
 
 import numpy as np
 import rasterio
+import rasterio.enums
+import rasterio.windows
 from affine import Affine
 
 from damformer.data.classes import LandCoverClass
-from damformer.errors import DamformerError
-
-
-class OutputExistsError(DamformerError):
-    """An output file exists and --overwrite was not given."""
+from damformer.errors import OutputExistsError
 
 
 def _block(size: int) -> int | None:
@@ -87,66 +85,135 @@ def qml_style(classes: Sequence[LandCoverClass]) -> str:
 """
 
 
-def write_class_map(
-    path: Path,
-    classes_map: np.ndarray,
-    *,
-    crs: str | None,
-    transform: Affine,
-    classes: Sequence[LandCoverClass],
-) -> Path:
-    """The (H, W) class indices as a georeferenced uint8 GeoTIFF, with colour table and QGIS style."""
-    height, width = classes_map.shape
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary(path)
-    try:
-        with rasterio.open(tmp, "w", **_profile(width, height, 1, "uint8", crs, transform)) as dataset:
-            dataset.write(classes_map.astype(np.uint8, copy=False), 1)
-            dataset.write_colormap(1, {cls.index: (*cls.rgb, 255) for cls in classes})
-            dataset.set_band_description(1, "land cover class (FLAIR 13 classes)")
-            dataset.update_tags(1, **{f"CLASS_{cls.index}": cls.name for cls in classes})
-            dataset.update_tags(CLASS_NAMES=",".join(cls.name for cls in classes))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    style = path.with_suffix(".qml")
-    style_tmp = _temporary(style)
-    style_tmp.write_text(qml_style(classes))
-    style_tmp.replace(style)
-    return path
+CLASS_NODATA = 255  # class maps: pixels whose input was nodata (probabilities: NaN)
 
 
-def write_probabilities(
-    path: Path,
-    probabilities: np.ndarray,
-    *,
-    crs: str | None,
-    transform: Affine,
-    classes: Sequence[LandCoverClass],
-) -> Path:
-    """(K, H, W) class probabilities, one band per class named after it, 16-bit floats on disk."""
-    count, height, width = probabilities.shape
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary(path)
-    profile = _profile(width, height, count, "float32", crs, transform)
-    profile.update(nbits=16, predictor=3)  # half floats; the floating-point predictor helps DEFLATE
-    try:
-        with rasterio.open(tmp, "w", **profile) as dataset:
-            dataset.write(probabilities.astype(np.float32, copy=False))
-            for band, cls in enumerate(classes[:count], start=1):
-                dataset.set_band_description(band, f"P({cls.name})")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+class MapWriter:
+    """Write a class map (and optionally its probabilities) block by block, atomically.
+
+    Files are created under hidden temporary names with their final size, georeference, colour table
+    and nodata; :meth:`write` fills any rectangle; leaving the ``with`` block without an error renames
+    them into place (and writes the QGIS style), an error removes them. Blocks of whole tiles keep
+    DEFLATE's output compact; GDAL's block cache is capped so memory stays bounded.
+
+    Args:
+        path: the class map (``NAME.tif``); probabilities go to ``probabilities_path``.
+        height, width, crs, transform: the input raster's grid.
+        classes: the classes (names, colours) of the map's values.
+        nodata: mark pixels without input data (``CLASS_NODATA`` in the map, NaN in probabilities).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        height: int,
+        width: int,
+        crs: str | None,
+        transform: Affine,
+        classes: Sequence[LandCoverClass],
+        probabilities_path: Path | None = None,
+        nodata: bool = False,
+    ) -> None:
+        self.path, self.probabilities_path = path, probabilities_path
+        self.classes = classes
+        self.shape = (height, width)
+        self.crs, self.transform, self.nodata = crs, transform, nodata
+        self._files: list[tuple[Path, Path, rasterio.io.DatasetWriter]] = []
+        self._env = rasterio.Env(GDAL_CACHEMAX=64)  # MB: finished tiles go to disk, not to RAM
+
+    def __enter__(self) -> MapWriter:
+        self._env.__enter__()
+        height, width = self.shape
+        try:
+            profile = _profile(width, height, 1, "uint8", self.crs, self.transform)
+            profile.update(photometric="palette")  # at creation: GDAL cannot change it while writing
+            if self.nodata:
+                profile["nodata"] = CLASS_NODATA
+            classes_file = self._open(self.path, profile)
+            classes_file.write_colormap(1, {cls.index: (*cls.rgb, 255) for cls in self.classes})
+            classes_file.set_band_description(1, "land cover class (FLAIR 13 classes)")
+            classes_file.update_tags(1, **{f"CLASS_{cls.index}": cls.name for cls in self.classes})
+            classes_file.update_tags(CLASS_NAMES=",".join(cls.name for cls in self.classes))
+            if self.probabilities_path is not None:
+                profile = _profile(width, height, len(self.classes), "float32", self.crs, self.transform)
+                profile.update(
+                    nbits=16, predictor=3
+                )  # half floats; the floating-point predictor helps DEFLATE
+                if self.nodata:
+                    profile["nodata"] = float("nan")
+                probabilities_file = self._open(self.probabilities_path, profile)
+                for band, cls in enumerate(self.classes, start=1):
+                    probabilities_file.set_band_description(band, f"P({cls.name})")
+        except BaseException:
+            self._discard()
+            raise
+        return self
+
+    def _open(self, path: Path, profile: dict) -> rasterio.io.DatasetWriter:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temporary(path)
+        dataset = rasterio.open(tmp, "w", **profile)
+        self._files.append((path, tmp, dataset))
+        return dataset
+
+    def write(
+        self, row: int, col: int, probabilities: np.ndarray, valid: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Write (K, h, w) probabilities at (row, col); ``valid`` (h, w) bool marks pixels with data.
+
+        Returns the block's class map (``CLASS_NODATA`` where not valid).
+        """
+        height, width = probabilities.shape[1:]
+        window = rasterio.windows.Window(col, row, width, height)
+        prediction = probabilities.argmax(axis=0).astype(np.uint8)
+        if valid is not None:
+            prediction[~valid] = CLASS_NODATA
+        self._files[0][2].write(prediction, 1, window=window)
+        if self.probabilities_path is not None:
+            values = probabilities.astype(np.float32, copy=True)
+            if valid is not None:
+                values[:, ~valid] = np.nan
+            self._files[1][2].write(values, window=window)
+        return prediction
+
+    def _discard(self) -> None:
+        for _, tmp, dataset in self._files:
+            dataset.close()
+            tmp.unlink(missing_ok=True)
+        self._files.clear()
+        self._env.__exit__(None, None, None)
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is not None:
+            self._discard()
+            return
+        try:
+            for _, _, dataset in self._files:
+                dataset.close()
+            for path, tmp, _ in self._files:
+                tmp.replace(path)
+        finally:
+            self._discard()
+        style = self.path.with_suffix(".qml")
+        style_tmp = _temporary(style)
+        style_tmp.write_text(qml_style(self.classes))
+        style_tmp.replace(style)
 
 
-def write_quicklook(path: Path, classes_map: np.ndarray, classes: Sequence[LandCoverClass]) -> Path:
-    """A PNG of the colourised map (no georeference; for a quick look)."""
+QUICKLOOK_SIDE = 2048  # pixels: a quicklook of a large map is read decimated, never whole
+
+
+def write_quicklook_from(map_path: Path, path: Path, classes: Sequence[LandCoverClass]) -> Path:
+    """A PNG of the colourised class map at ``map_path``, at most QUICKLOOK_SIDE pixels a side."""
     from PIL import Image
 
     from damformer.tracking.figures import colourise
 
+    with rasterio.open(map_path) as dataset:
+        scale = max(1.0, max(dataset.height, dataset.width) / QUICKLOOK_SIDE)
+        shape = (max(1, round(dataset.height / scale)), max(1, round(dataset.width / scale)))
+        classes_map = dataset.read(1, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
     tmp = _temporary(path)
     try:
         Image.fromarray(colourise(classes_map, classes)).save(tmp, format="PNG")

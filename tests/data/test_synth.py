@@ -1,6 +1,7 @@
 """The miniature FLAIR-2: learnable, domain-shifted, deterministic, written atomically."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import rasterio
 
 from damformer.data import Flair2Dataset, SentinelOptions
 from damformer.data import synth as synth_module
+from damformer.data import synth_scene as scene
 from damformer.data.synth import INFO_FILE, SynthOptions, generate
 from damformer.errors import OutputExistsError
 from tests.conftest import TINY_OPTIONS
@@ -44,6 +46,10 @@ class GaussianNaiveBayes:
         return self.classes[np.argmax(log_like + self.log_prior[None], axis=1)]
 
 
+# The twin pairs in the 13-class setting (raw code - 1): one aerial look, different phenology.
+TWINS_13 = [(a - 1, b - 1) for a, b in scene.TWINS]
+
+
 def test_domain_shift_is_real(demo_root):
     classifier = GaussianNaiveBayes().fit(*_pixels(demo_root, "train", "south"))
     # Held-out zones (test split) of both regions, so the south score is not a training score.
@@ -56,6 +62,59 @@ def test_domain_shift_is_real(demo_root):
     # ... and adapting to the north is possible: a classifier fitted there does well there.
     north_fitted = GaussianNaiveBayes().fit(*_pixels(demo_root, "train", "north"))
     assert np.mean(north_fitted.predict(north_x) == north_y) > north_accuracy + 0.1
+
+
+def test_twin_classes_look_alike_in_the_aerial_image(demo_root):
+    """A per-pixel classifier of the aerial bands cannot tell the twins of a pair apart."""
+    x, y = _pixels(demo_root, "train", "south")
+    test_x, test_y = _pixels(demo_root, "test", "south", seed=1)
+    for first, second in TWINS_13:
+        train, test = np.isin(y, (first, second)), np.isin(test_y, (first, second))
+        assert train.sum() > 500 and test.sum() > 200, (first, second)
+        fitted = GaussianNaiveBayes().fit(x[train], y[train])
+        accuracy = np.mean(fitted.predict(test_x[test]) == test_y[test])
+        majority = max(np.mean(test_y[test] == first), np.mean(test_y[test] == second))
+        assert accuracy < max(0.62, majority + 0.07), (first, second, accuracy, majority)
+
+
+def _pure_cell_series(region, seed):
+    """Monthly NDVI of the cells one raw class fills (>= 95%) in a zone's superpatch, clear dates only.
+
+    The superpatch is written by the generator itself; the cells' classes are its ground truth.
+    """
+    rng = np.random.default_rng(seed)
+    seeds = scene.jittered_seeds(rng, 60, 60, region)
+    job = synth_module._ZoneJob("train", region, "D000_2021", 0, "Z1_NN", 0, 1)
+    dates = synth_module._acquisition_dates(rng, 2021, 24)
+    data, masks, _ = synth_module._superpatch(rng, job, (60, 60), seeds, dates)
+    fractions = scene.class_fractions(seeds, 60, 60)  # (19, H, W), raw codes 1..19
+    ndvi = (data[:, 6] - data[:, 2]) / (data[:, 6] + data[:, 2] + 1e-6)  # (T, H, W)
+    ndvi[(masks[:, 1] >= 20) | (masks[:, 0] >= 20)] = np.nan  # cloudy or snowy at that cell
+    months = np.array([d.month for d in dates])
+    monthly = np.full((12, *ndvi.shape[1:]), np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a cell cloudy on every date of a month: NaN
+        for month in np.unique(months):
+            monthly[month - 1] = np.nanmean(ndvi[months == month], axis=0)
+    pure = fractions.max(axis=0) >= 0.95
+    return monthly[:, pure].T, fractions.argmax(axis=0)[pure]  # (cells, 12), 13-class index = raw - 1
+
+
+def test_twin_classes_differ_in_their_sentinel2_phenology():
+    """Over the year the twins differ: a nearest-mean classifier of monthly NDVI separates each pair."""
+    for region in ("south", "north"):  # each region has its own phenology delay
+        zones = [_pure_cell_series(region, seed) for seed in range(3)]
+        series, classes = np.concatenate([z[0] for z in zones]), np.concatenate([z[1] for z in zones])
+        for first, second in TWINS_13:
+            pair = np.isin(classes, (first, second))
+            x, y = series[pair], classes[pair]
+            assert min(np.sum(y == first), np.sum(y == second)) >= 20, (region, first, second)
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # months without a clear date: NaN
+                means = np.stack([np.nanmean(x[y == c], axis=0) for c in (first, second)])
+                distance = np.nanmean((x[:, None] - means[None]) ** 2, axis=2)
+            predicted = np.where(distance[:, 0] < distance[:, 1], first, second)
+            assert np.mean(predicted == y) > 0.95, (region, first, second, np.mean(predicted == y))
 
 
 def test_sentinel2_carries_the_vegetation_signal(demo_root):

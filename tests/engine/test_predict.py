@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import torch
 from rasterio.transform import from_origin
 
 from damformer.cli import main
@@ -65,7 +66,8 @@ def test_flair2_maps_keep_the_geometry_have_a_colour_table_and_score_like_evalua
     # the same patches through damformer evaluate (their shards): the same scores
     model, _, _ = load_model(checkpoints["temporal"])
     reference = evaluate(model, ShardSet([tiny_shards["north-test"]]), num_classes=13)
-    assert f"{'mIoU':<22}{100 * reference.miou:>8.2f}" in printed, printed
+    assert f"{'mIoU (13 classes)':<22}{100 * reference.miou:>8.2f}" in printed, printed
+    assert f"{'mIoU (12, no other)':<22}{100 * reference.miou_without_other:>8.2f}" in printed, printed
 
 
 def test_existing_outputs_are_kept_without_overwrite(checkpoints, tiny_shards, tmp_path, capsys):
@@ -137,7 +139,7 @@ def test_bad_inputs_fail_before_any_compute(checkpoints, tiny_shards, tmp_path, 
     rgb = _write(tmp_path / "rgb.tif", rasterio.open(mosaic).read()[:3], rasterio.open(mosaic).transform)
     temporal = ["predict", "--checkpoint", str(checkpoints["temporal"]), "--window", "64", "--out"]
     assert main([*temporal, str(tmp_path / "a"), "--src", str(rgb)]) == 2
-    assert "rgb.tif: 3 band(s), but the model" in capsys.readouterr().err
+    assert "rgb.tif: 3 band(s); the model (DAM-Former RGB+NIR+E+T) reads 5" in capsys.readouterr().err
     assert main([*temporal, str(tmp_path / "b"), "--src", str(mosaic)]) == 2
     assert "give --s2 STACK.tif --s2-dates" in capsys.readouterr().err
     dates = tmp_path / "dates.txt"
@@ -254,3 +256,190 @@ def test_a_checkpoint_of_another_class_count_is_refused(checkpoints, tiny_shards
     assert main([*args, "--out", str(tmp_path / "maps")]) == 2
     assert "a model of 19 classes" in capsys.readouterr().err
     assert not (tmp_path / "maps").exists()
+
+
+# -- issue 21: nothing silently wrong on real rasters -----------------------------------------------
+
+
+def _naive_blend(aerial, predict, *, num_classes, window, stride):
+    """Today's in-memory blend, kept here as the oracle of the streamed one (no padding: big rasters)."""
+    from damformer.predict.streaming import blend_weights, window_axis
+
+    _, height, width = aerial.shape
+    weights = blend_weights(window) if stride < window else np.ones((window, window), np.float32)
+    total = np.zeros((num_classes, height, width), np.float32)
+    weight_sum = np.zeros((height, width), np.float32)
+    for row in window_axis(height, window, stride):
+        for col in window_axis(width, window, stride):
+            batch = {
+                "aerial": torch.from_numpy(aerial[None, :, row : row + window, col : col + window].copy())
+            }
+            total[:, row : row + window, col : col + window] += predict(batch).numpy()[0] * weights
+            weight_sum[row : row + window, col : col + window] += weights
+    return total / weight_sum
+
+
+def _toy_predictor(batch):
+    """Probabilities that depend on every pixel of the window (a fixed random 1x1 conv + spatial mean)."""
+    generator = torch.Generator().manual_seed(0)
+    conv = torch.randn(4, 5, generator=generator)
+    x = batch["aerial"].float() / 255
+    logits = torch.einsum("kc,bchw->bkhw", conv, x) + x.mean(dim=(1, 2, 3))[:, None, None, None]
+    return torch.softmax(logits, dim=1)
+
+
+@pytest.mark.parametrize(("window", "stride"), [(32, 32), (32, 24), (32, 13)])
+def test_streamed_blend_equals_the_in_memory_blend_exactly(window, stride):
+    from damformer.predict.streaming import SweepOptions, sweep
+
+    aerial = np.random.default_rng(0).integers(0, 256, (5, 150, 211), dtype=np.uint8)
+    expected = _naive_blend(aerial, _toy_predictor, num_classes=4, window=window, stride=stride)
+    out = np.full_like(expected, np.nan)
+    options = SweepOptions(window, stride, batch_size=3, band_width=48, row_block=16)  # many bands and blocks
+    read = lambda r, c, h, w: aerial[:, r : r + h, c : c + w]  # noqa: E731
+    for block in sweep(read, 150, 211, _toy_predictor, num_classes=4, options=options):
+        rows, cols = block.probabilities.shape[1:]
+        assert rows <= 16 and cols <= 48
+        out[:, block.row : block.row + rows, block.col : block.col + cols] = block.probabilities
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_nodata_in_nodata_out(checkpoints, tiny_shards, tmp_path):
+    mosaic, _ = _mosaic(tiny_shards, tmp_path)
+    with rasterio.open(mosaic) as source:
+        array, transform = source.read(), source.transform
+    array[:, :, :40] = 0  # a gap of the mosaic, all bands 0 = nodata
+    array[:, 100:, 100:] = 0
+    rest = array[:, :100, 40:]
+    rest[:, rest.sum(axis=0) == 0] = 1  # no accidental nodata elsewhere (all-zero pixels)
+    gapped = tmp_path / "gapped.tif"
+    with rasterio.open(gapped, "w", driver="GTiff", width=128, height=128, count=5, dtype="uint8",
+                       crs="EPSG:2154", transform=transform, nodata=0) as dataset:  # fmt: skip
+        dataset.write(array)
+    args = ["predict", "--checkpoint", str(checkpoints["aerial"]), "--window", "64", "--src", str(gapped)]
+    assert main([*args, "--out", str(tmp_path / "maps"), "--probabilities"]) == 0
+    with rasterio.open(tmp_path / "maps" / "gapped.tif") as classes_map:
+        assert classes_map.nodata == 255
+        values = classes_map.read(1)
+    gap = np.zeros((128, 128), bool)
+    gap[:, :40] = True
+    gap[100:, 100:] = True
+    assert (values[gap] == 255).all() and (values[~gap] <= 12).all()
+    with rasterio.open(tmp_path / "maps" / "gapped_proba.tif") as probabilities:
+        p = probabilities.read()
+        assert np.isnan(probabilities.nodata) and np.isnan(p[:, gap]).all() and np.isfinite(p[:, ~gap]).all()
+
+
+def test_a_raster_of_another_band_count_needs_bands(checkpoints, tiny_shards, tmp_path, capsys):
+    mosaic, _ = _mosaic(tiny_shards, tmp_path)
+    with rasterio.open(mosaic) as source:
+        six = _write(
+            tmp_path / "six.tif", np.concatenate([source.read(), source.read(1)[None]]), source.transform
+        )
+    args = ["predict", "--checkpoint", str(checkpoints["aerial"]), "--window", "64", "--src", str(six)]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    assert "six.tif: 6 band(s); the model (U-Net (T) RGB+NIR+E) reads 5" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "b"), "--bands", "1,2,3,4,7"]) == 2
+    assert "--bands 1,2,3,4,7: expected 5 band numbers" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "c"), "--bands", "1,2,3,4,5"]) == 0
+    assert main([*args[:-2], "--src", str(mosaic), "--out", str(tmp_path / "d")]) == 0
+    same = [rasterio.open(tmp_path / d / f"{n}.tif").read() for d, n in (("c", "six"), ("d", "mosaic"))]
+    np.testing.assert_array_equal(*same)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def _stack(path: Path, shape: tuple[int, int], origin: tuple[float, float], months: int = 2) -> Path:
+    return _write(
+        path, np.full((10 * months, *shape), 1200, dtype=np.int16), from_origin(*origin, 10.0, 10.0)
+    )
+
+
+def test_a_stack_that_does_not_cover_the_raster_is_refused(checkpoints, tiny_shards, tmp_path, capsys):
+    mosaic, _ = _mosaic(tiny_shards, tmp_path)  # x 700000..700025.6, y 6599974.4..6600000
+    dates = tmp_path / "dates.txt"
+    dates.write_text("2021-03-15\n2021-06-15\n")
+    args = ["predict", "--checkpoint", str(checkpoints["temporal"]), "--window", "64", "--src", str(mosaic)]
+    far = _stack(tmp_path / "far.tif", (60, 60), (750000.0, 6600200.0))  # 50 km east
+    assert main([*args, "--out", str(tmp_path / "a"), "--s2", str(far), "--s2-dates", str(dates)]) == 2
+    err = capsys.readouterr().err
+    # window centres 6.4 and 19.2 m into the raster, crops of 400 m (less half a pixel: 195 m each side)
+    assert "does not cover the aerial raster" in err and "needs x 699811..700214, y 6599786..6600189" in err
+    assert "covers x 750000..750600" in err
+    partial = _stack(tmp_path / "partial.tif", (60, 60), (699900.0, 6600200.0))  # misses 89 m in the west
+    command = [*args, "--out", str(tmp_path / "b"), "--s2", str(partial), "--s2-dates", str(dates)]
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert "covers the aerial raster only in part" in err and "--allow-partial-s2" in err
+    assert main([*command, "--allow-partial-s2"]) == 0
+    assert not (tmp_path / "a").exists()
+
+
+def test_mosaic_and_folder_predict_agree_exactly_on_the_same_monthly_means(
+    checkpoints, tiny_shards, tmp_path
+):
+    """Each test patch as a GeoTIFF with its own monthly-mean stack, against folder predict: same maps."""
+    from damformer.data.sentinel import SentinelOptions
+
+    folder = ["predict", "--checkpoint", str(checkpoints["temporal"]), "--src", str(_root(tiny_shards))]
+    assert main([*folder, "--domains", "north", "--out", str(tmp_path / "folder"), "--batch-size", "1",
+                 "--probabilities"]) == 0  # fmt: skip
+    dataset = Flair2Dataset(
+        _root(tiny_shards), split="test", domains=["north"], sentinel=SentinelOptions(crop_size=40)
+    )
+    for index in range(len(dataset)):
+        sample, patch = dataset[index], dataset.patches[index]
+        centre_x, centre_y = sample.transform @ (32, 32)
+        stack = _write(tmp_path / f"s2_{index}.tif", sample.s2.reshape(-1, 40, 40).astype(np.float32),
+                       from_origin(centre_x - 200, centre_y + 200, 10.0, 10.0))  # fmt: skip
+        dates = tmp_path / f"dates_{index}.txt"
+        dates.write_text("".join(f"{d.isoformat()}\n" for d in sample.s2_dates))
+        out = tmp_path / f"mosaic_{index}"
+        assert main(["predict", "--checkpoint", str(checkpoints["temporal"]), "--src", str(patch.aerial_path),
+                     "--s2", str(stack), "--s2-dates", str(dates), "--window", "64", "--stride", "64",
+                     "--out", str(out), "--probabilities"]) == 0  # fmt: skip
+        name = patch.patch_id.replace("IMG_", "PRED_", 1)
+        for suffix in (".tif", "_proba.tif"):
+            with (
+                rasterio.open(out / f"{patch.patch_id}{suffix}") as mine,
+                rasterio.open(tmp_path / "folder" / patch.domain / patch.zone / f"{name}{suffix}") as theirs,
+            ):
+                np.testing.assert_array_equal(mine.read(), theirs.read(), err_msg=f"{patch.patch_id}{suffix}")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--batch-size", "0"], "--batch-size 0: expected >= 1"),
+        (["--window", "100"], "--window 100: expected a multiple of 32"),
+        (["--window", "0"], "--window 0: expected a multiple of 32"),
+        (["--stride", "80"], "--stride 80: expected 1..--window (64)"),
+    ],
+)
+def test_bad_predict_options_are_one_line(extra, message, checkpoints, tiny_shards, tmp_path, capsys):
+    mosaic, _ = _mosaic(tiny_shards, tmp_path)
+    args = ["predict", "--checkpoint", str(checkpoints["aerial"]), "--window", "64", "--src", str(mosaic)]
+    assert main([*args, "--out", str(tmp_path / "maps"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "maps").exists()
+
+
+def test_an_output_folder_that_is_a_file_or_read_only_is_refused(checkpoints, tiny_shards, tmp_path, capsys):
+    mosaic, _ = _mosaic(tiny_shards, tmp_path)
+    args = ["predict", "--checkpoint", str(checkpoints["aerial"]), "--window", "64", "--src", str(mosaic)]
+    (tmp_path / "a-file").write_text("x")
+    assert main([*args, "--out", str(tmp_path / "a-file")]) == 2
+    assert "a-file: is a file, expected a folder" in capsys.readouterr().err
+    assert main([*args, "--out", "/proc/damformer-maps"]) == 2  # read-only, even for root
+    assert "--out /proc/damformer-maps: cannot write in /proc" in capsys.readouterr().err
+
+
+def test_a_truncated_geotiff_is_one_line_and_writes_nothing(checkpoints, tiny_shards, tmp_path, capsys):
+    mosaic, _ = _mosaic(tiny_shards, tmp_path)
+    data = mosaic.read_bytes()
+    truncated = tmp_path / "truncated.tif"
+    truncated.write_bytes(data[: len(data) // 2])
+    args = ["predict", "--checkpoint", str(checkpoints["aerial"]), "--window", "64", "--src", str(truncated)]
+    assert main([*args, "--out", str(tmp_path / "maps")]) == 2
+    err = capsys.readouterr().err
+    assert "truncated.tif" in err and len(err.strip().splitlines()) == 1, err
+    assert not list((tmp_path / "maps").rglob("*.tif")) if (tmp_path / "maps").exists() else True

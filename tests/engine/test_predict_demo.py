@@ -47,7 +47,7 @@ def test_demo_checkpoint_predict_reproduces_evaluate(tmp_path, capsys):
     predicted = capsys.readouterr().out
 
     def miou(text: str) -> float:
-        return float(re.search(r"^mIoU\s+([\d.]+)$", text, re.MULTILINE).group(1))
+        return float(re.search(r"^mIoU \(13 classes\)\s+([\d.]+)$", text, re.MULTILINE).group(1))
 
     assert miou(predicted) == miou(evaluated), (evaluated, predicted)
     assert len(list((tmp_path / "maps").rglob("PRED_*.tif"))) > 0
