@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from damformer.config import ConfigError, RunConfig, dump_config
+from damformer.config import ConfigError, RunConfig, check_resume, dump_config
 from damformer.data.loader import ShardSet
 from damformer.data.sentinel import S2_PIXEL_M
 from damformer.data.shard_io import atomic_write_bytes
@@ -279,12 +279,8 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any], *, where: Path) -> None:
-        """Restore :meth:`state_dict`; refuses a checkpoint of another model or world size."""
-        if state["config"]["model"] != self.config.to_dict()["model"]:
-            raise ConfigError(
-                f"{where}: made for model {state['model_name']!r} with other settings; "
-                f"this config builds {self.config.model.name!r}"
-            )
+        """Restore :meth:`state_dict`; refuses a checkpoint of another model, config or world size."""
+        check_resume(state["config"], self.config, where=where)
         saved_world = int(state.get("world_size", 1))
         if saved_world != self.dist.world_size:
             raise ConfigError(

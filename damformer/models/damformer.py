@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from damformer.models.fusion import DeepTemporalFusion, footprint_crop
+from damformer.models.fusion import DeepTemporalFusion, footprint_sample
 from damformer.models.utae import UTAE
 
 # Per aerial band (R, G, B, NIR, elevation): x -> (x - mean) / std.
@@ -104,7 +104,7 @@ class DAMFormer(nn.Module):
             lr_map = self.temporal(s2.float().clamp_min(0) / S2_SCALE, s2_mask, s2_days)
             fused = self.fusion(features, lr_map)
             # LR logits only where the aerial patch is: its footprint, upsampled to the patch size
-            lr_logits = _resize(self.lr_head(footprint_crop(lr_map, self.footprint)), aerial.shape[-2:])
+            lr_logits = footprint_sample(self.lr_head(lr_map), self.footprint, aerial.shape[-2:])
         hr_logits = _resize(self.decoder(fused), aerial.shape[-2:])
         return {"hr": hr_logits, "lr": lr_logits, "features": features}
 

@@ -2,8 +2,9 @@
 
 Two paths, summed into the HR encoder maps at the chosen levels (default: the deepest, as the authors):
 
-* cropped: the centre of the LR map that covers the aerial footprint (102.4 m of a 400 m crop: 10 of
-  40 pixels), 1x1 conv to the level's width, bilinear resize to the level's size;
+* cropped: the part of the LR map under the aerial footprint (102.4 m of a 400 m crop: 10.24 of 40
+  pixels), after a 1x1 conv to the level's width, sampled bilinearly at the level's pixels (ours: the
+  exact footprint rather than a whole-pixel crop; the conv and the resampling commute);
 * collapsed: the spatial mean of each sample's whole LR map (context around the patch), a 3-layer MLP
   (64 -> 213 -> 362 -> C, dropout 0.3), tiled over the level.
 
@@ -17,18 +18,39 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
 
 # Aerial patch side over Sentinel-2 crop side: 512 px x 0.2 m over 40 px x 10 m.
 FLAIR2_FOOTPRINT = 512 * 0.2 / (40 * 10.0)
 
 
-def footprint_crop(lr_bchw: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Centre crop of ``lr_bchw`` covering ``fraction`` of each side (at least one pixel)."""
-    height, width = lr_bchw.shape[-2:]
-    rows, cols = max(1, round(height * fraction)), max(1, round(width * fraction))
-    top, left = (height - rows) // 2, (width - cols) // 2
-    return lr_bchw[..., top : top + rows, left : left + cols]
+def _sampling_matrix(size: int, length: int, fraction: float, like: torch.Tensor) -> torch.Tensor:
+    """(size, length) bilinear weights of ``size`` samples over the centred ``fraction`` of an axis.
+
+    The samples sit at the output's pixel centres; input pixel i covers [i, i + 1) of the axis, and the
+    borders are clamped (as ``align_corners=False``).
+    """
+    centres = (torch.arange(size, dtype=torch.float32, device=like.device) + 0.5) / size
+    position = (length / 2 + (centres - 0.5) * fraction * length - 0.5).clamp(0, length - 1)
+    low = position.floor().clamp(max=max(length - 2, 0))
+    high = (low + 1).clamp(max=length - 1)
+    share = position - low
+    weights = torch.zeros(size, length, dtype=torch.float32, device=like.device)
+    weights.scatter_add_(1, low.long()[:, None], (1 - share)[:, None])
+    weights.scatter_add_(1, high.long()[:, None], share[:, None])
+    return weights.to(like.dtype)
+
+
+def footprint_sample(map_bchw: torch.Tensor, fraction: float, size: tuple[int, int]) -> torch.Tensor:
+    """The aerial footprint of a Sentinel-2 map, resampled bilinearly to ``size``: (B, C, *size).
+
+    The footprint is the centred ``fraction`` of each side. It rarely spans whole pixels (25.6 m of a
+    160 m crop is 2.56 pixels): an integer centre crop would be off by up to half a pixel (5 m), so the
+    footprint is sampled exactly, at the output's pixel centres. Two small matrices, no data-dependent
+    shapes.
+    """
+    rows = _sampling_matrix(size[0], map_bchw.shape[-2], fraction, map_bchw)
+    cols = _sampling_matrix(size[1], map_bchw.shape[-1], fraction, map_bchw)
+    return torch.einsum("yh,bchw,xw->bcyx", rows, map_bchw, cols)
 
 
 class DeepTemporalFusion(nn.Module):
@@ -66,14 +88,11 @@ class DeepTemporalFusion(nn.Module):
 
     def forward(self, hr_features: Sequence[torch.Tensor], lr_bchw: torch.Tensor) -> list[torch.Tensor]:
         """HR maps (list of (B, C_i, H_i, W_i)) and the LR map (B, C, S, S) -> fused HR maps."""
-        crop = footprint_crop(lr_bchw, self.footprint)
         context = lr_bchw.mean(dim=(2, 3))  # (B, C): one vector per sample
         out = list(hr_features)
         for level in self.levels:
             target = out[level]
-            local = F.interpolate(
-                self.cropped[str(level)](crop), size=target.shape[-2:], mode="bilinear", align_corners=False
-            )
+            local = footprint_sample(self.cropped[str(level)](lr_bchw), self.footprint, target.shape[-2:])
             out[level] = target + local + self.collapsed[str(level)](context)[:, :, None, None]
         return out
 

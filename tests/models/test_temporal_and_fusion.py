@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from damformer.models.factory import ModelConfig, build_model, count_parameters
-from damformer.models.fusion import DeepTemporalFusion, footprint_crop
+from damformer.models.fusion import DeepTemporalFusion, footprint_sample
 from damformer.models.utae import UTAE
 
 
@@ -72,11 +72,18 @@ def test_utae_samples_are_independent_of_each_other():
     torch.testing.assert_close(together[2:3], alone, rtol=1e-5, atol=1e-5)
 
 
-def test_footprint_crop_is_the_centre_of_the_map():
-    lr = torch.arange(40 * 40.0).reshape(1, 1, 40, 40)
-    crop = footprint_crop(lr, 0.256)
-    assert crop.shape[-2:] == (10, 10)
-    assert crop[0, 0, 0, 0] == lr[0, 0, 15, 15] and crop[0, 0, -1, -1] == lr[0, 0, 24, 24]
+def test_footprint_sample_is_centred_and_exact():
+    ramp = torch.arange(40.0).expand(40, 40)[None, None]  # value = column index (pixel centre i + 0.5)
+    full = footprint_sample(ramp, 1.0, (40, 40))
+    torch.testing.assert_close(full, ramp)  # the whole map at its own size: identity
+    # FLAIR-2: 102.4 m of a 400 m crop, sampled at 512 px: centred on the crop's centre (value 19.5)
+    flair = footprint_sample(ramp, 0.256, (512, 512))[0, 0, 0]
+    assert flair.mean().item() == pytest.approx(19.5) and flair[0].item() == pytest.approx(19.5 - 5.12 + 0.01)
+    # the miniature: 25.6 m of a 160 m crop = 2.56 pixels; an integer crop [6, 9) was centred on 7.0
+    small = footprint_sample(torch.arange(16.0).expand(16, 16)[None, None], 0.16, (128, 128))[0, 0, 0]
+    assert small.mean().item() == pytest.approx(7.5) and small.min() > 6.2 and small.max() < 8.8
+    rows = footprint_sample(ramp.transpose(-1, -2), 0.256, (4, 4))[0, 0, :, 0]  # the other axis, few pixels
+    torch.testing.assert_close(rows, torch.tensor([19.5 - 3.84, 19.5 - 1.28, 19.5 + 1.28, 19.5 + 3.84]))
 
 
 def test_dtf_permuting_the_batch_permutes_the_output():
