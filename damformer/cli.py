@@ -241,9 +241,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from damformer.engine.train import Trainer
     from damformer.tracking.mlflow_tracker import experiment_family
 
+    if args.stop_after is not None and args.stop_after < 1:
+        raise _OptionError(f"--stop-after {args.stop_after}: expected an iteration >= 1")
     config = load_config(args.config, args.set)
     if args.output_dir is not None:
         config.run.output_dir = str(args.output_dir)
+    _writable_folder(Path(config.run.output_dir), "--output-dir" if args.output_dir else "run.output_dir")
     if args.tracking_uri is not None:
         config.log.tracking_uri = args.tracking_uri
     if config.log.experiment is None:  # one MLflow experiment per config family (its folder)
@@ -398,11 +401,23 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from damformer.eval.evaluate import evaluate
     from damformer.predict.run import load_model
 
+    if args.batch_size < 1:
+        raise _OptionError(f"--batch-size {args.batch_size}: expected >= 1")
+    shard_set = ShardSet(args.shards, domains=args.domains)
+    unlabelled = [
+        str(f)
+        for f, m in zip(args.shards, shard_set.manifests, strict=True)
+        if not m["params"]["with_labels"]
+    ]
+    if unlabelled:
+        raise _OptionError(
+            f"--shards {', '.join(unlabelled)}: sharded without labels (--no-labels): evaluation needs a "
+            "labelled set, e.g. the target's test split"
+        )
     model, model_config, state = load_model(args.checkpoint, teacher=args.teacher)
     device = resolve_device(args.device)
     retain_freed_memory(device)
     model.to(device)
-    shard_set = ShardSet(args.shards, domains=args.domains)
     result = evaluate(
         model, shard_set, num_classes=model_config.num_classes, batch_size=args.batch_size, device=device
     )

@@ -38,6 +38,10 @@ class DataConfig:
         num_workers: DataLoader workers of the target stream.
         shuffle_buffer: seeded shuffle buffer of the streams.
         augment: random flips / rot90 (aerial, label, every S2 date alike).
+        verify_shards: check each shard's size and sha256 against its manifest before reading it:
+            ``first`` (the first epoch a process reads, the default: about one more read of the data),
+            ``always`` or ``never``. A flipped byte is otherwise trained on silently.
+        on_error: a corrupt shard or sample: ``raise`` (stop, naming it) or ``skip`` it (with a warning).
     """
 
     source: list[str] = field(default_factory=list)
@@ -49,6 +53,8 @@ class DataConfig:
     num_workers: int = 0
     shuffle_buffer: int = 64
     augment: bool = True
+    verify_shards: str = "first"
+    on_error: str = "raise"
 
 
 @dataclass
@@ -345,6 +351,12 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"uda.ensemble: expected released or normalised, found {config.uda.ensemble!r}")
     _validate_ranges(config)
     _validate_pretrained(config.model)
+    if config.data.verify_shards not in ("first", "always", "never"):
+        raise ConfigError(
+            f"data.verify_shards: expected first, always or never, found {config.data.verify_shards!r}"
+        )
+    if config.data.on_error not in ("raise", "skip"):
+        raise ConfigError(f"data.on_error: expected raise or skip, found {config.data.on_error!r}")
     for section, key in (("log", "interval"), ("log", "checkpoint_interval"), ("eval", "interval")):
         value = getattr(getattr(config, section), key)
         if value < 0:

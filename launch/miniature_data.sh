@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The built-in miniature FLAIR-2 and its shards: what the demo and the miniature studies train on.
 #   usage: launch/miniature_data.sh [OUT_DIR]      (default runs/demo; damformer must be on PATH)
-# Writes OUT/flair2 (2 south + 2 north domains; per domain 3 train zones and 2 test zones of 16 patches
+# Writes OUT/flair2 (2 south + 2 north domains; per domain 3 train zones and 4 test zones of 16 patches
 # of 128 px), reads and validates the source and target domains, and shards them into OUT/shards:
 # south (labelled source), north (target, labels dropped), north-test (labelled target test split) and
 # south-test (labelled source test split, for supervised checks on the source domains); then verifies
@@ -11,7 +11,7 @@ out="${1:-runs/demo}"
 mkdir -p "$out"
 
 echo "== miniature FLAIR-2 -> $out/flair2"
-damformer synth --out "$out/flair2" --overwrite --patch-size 128 --zones-per-domain 3 --test-zones-per-domain 2 \
+damformer synth --out "$out/flair2" --overwrite --patch-size 128 --zones-per-domain 3 --test-zones-per-domain 4 \
     --patches-per-zone 16
 
 echo "== south domains (UDA source), train split"

@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 Split = Literal["train", "test"]
 
 ZONE_PATTERN = re.compile(r"^Z\d+_[A-Za-z0-9]+$")
-AERIAL_PATTERN = re.compile(r"^IMG_(\d+)\.tiff?$")
+# IMG_000001.tif; copies made on some systems say .TIF or .tiff: the same patch, never skipped.
+AERIAL_PATTERN = re.compile(r"^IMG_(\d+)\.tiff?$", re.IGNORECASE)
+_TIFF_SUFFIXES = (".tif", ".TIF", ".tiff", ".TIFF")
 
 _FOLDER_CANDIDATES: dict[tuple[str, str], tuple[str, ...]] = {
     ("aerial", "train"): ("flair_aerial_train", "flair_2_aerial_train", "flair_2_toy_aerial_train"),
@@ -85,6 +87,16 @@ class ZoneS2Files:
     data: Path
     masks: Path
     products: Path
+
+
+def _label_file(msk_dir: Path, digits: str) -> Path:
+    """``MSK_<digits>.tif`` in ``msk_dir``, with any case of the extension (the .tif name when absent)."""
+    for suffix in _TIFF_SUFFIXES:
+        for prefix in ("MSK_", "msk_"):
+            candidate = msk_dir / f"{prefix}{digits}{suffix}"
+            if candidate.is_file():
+                return candidate
+    return msk_dir / f"MSK_{digits}.tif"
 
 
 def _list_missing(paths: Sequence[Path]) -> str:
@@ -235,11 +247,12 @@ class Flair2Layout:
                 for number, digits, path in sorted(found):
                     label_path = None
                     if labels_dir is not None:
-                        label_path = labels_dir / domain / zone / "msk" / f"MSK_{digits}.tif"
+                        label_path = _label_file(labels_dir / domain / zone / "msk", digits)
                         if not label_path.is_file():
                             missing_labels.append(label_path)
                     sen_zone_dir = sen_dir / domain / zone / "sen" if sen_dir is not None else None
-                    patches.append(PatchRef(path.stem, number, domain, zone, path, label_path, sen_zone_dir))
+                    patch_id = f"IMG_{digits}"  # the key of the JSON files, whatever the file name's case
+                    patches.append(PatchRef(patch_id, number, domain, zone, path, label_path, sen_zone_dir))
                     domain_patches += 1
             if domain_patches == 0:
                 log.warning("domain %s has no IMG_*.tif patch under %s", domain, self.aerial_dir / domain)

@@ -39,7 +39,7 @@ from damformer.data.domains import select_domains
 from damformer.data.flair2 import Flair2Sample
 from damformer.data.manifest import load_manifest
 from damformer.data.shard_format import ShardFormatError, decode_sample
-from damformer.data.shard_io import Encoded, iter_tar_samples
+from damformer.data.shard_io import Encoded, iter_tar_samples, sha256_file
 from damformer.errors import DamformerError
 
 log = logging.getLogger(__name__)
@@ -51,11 +51,31 @@ SKIP_REPORT = "skip_report"
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One shard of a set: where it is and which sample keys it holds, in order."""
+    """One shard of a set: where it is, which sample keys it holds (in order), its size and sha256."""
 
     path: Path
     domain: str
     keys: tuple[str, ...]
+    size: int | None = None
+    sha256: str | None = None
+
+    def verify(self) -> None:
+        """Check the shard's size and sha256 against its manifest (a flipped byte is caught here).
+
+        Raises:
+            ShardFormatError: naming the shard, what the manifest says and what was found.
+        """
+        found = self.path.stat().st_size if self.path.is_file() else None
+        if found is None:
+            raise ShardFormatError(f"{self.path}: shard listed in the manifest is missing")
+        if self.size is not None and found != self.size:
+            raise ShardFormatError(f"{self.path}: size: expected {self.size} bytes (manifest), found {found}")
+        if self.sha256 is not None and (digest := sha256_file(self.path)) != self.sha256:
+            raise ShardFormatError(
+                f"{self.path}: sha256 mismatch: expected {self.sha256} (manifest), found {digest}: the shard "
+                "changed after it was written; re-run damformer shard (it rewrites what fails), or set "
+                "data.on_error=skip to train without it"
+            )
 
 
 @dataclass(frozen=True)
@@ -84,7 +104,13 @@ class ShardSet:
         available = sorted({d for m in self.manifests for d in m["domains"]})
         chosen = set(select_domains(available, domains))
         self.shards = [
-            ShardInfo(folder / shard["name"], shard["domain"], tuple(shard["keys"]))
+            ShardInfo(
+                folder / shard["name"],
+                shard["domain"],
+                tuple(shard["keys"]),
+                shard.get("bytes"),
+                shard.get("sha256"),
+            )
             for folder, manifest in zip(folders, self.manifests, strict=True)
             for shard in manifest["shards"]
             if shard["domain"] in chosen
@@ -159,6 +185,8 @@ class LoaderOptions:
         augment: apply random flips / rot90 to aerial, label and every Sentinel-2 date alike.
         pad: pad every reader to the same number of batches (required for DDP and for resume).
         on_error: ``raise`` on a corrupt shard or sample, or ``skip`` it (logged and counted).
+        verify: check each shard's size and sha256 against the manifest before reading it: ``first``
+            (the first epoch this process reads; about one more read of the data), ``always`` or ``never``.
     """
 
     batch_size: int = 2
@@ -167,12 +195,15 @@ class LoaderOptions:
     augment: bool = True
     pad: bool = True
     on_error: Literal["raise", "skip"] = "raise"
+    verify: Literal["first", "always", "never"] = "first"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.shuffle_buffer < 1:
             raise ValueError("batch_size and shuffle_buffer: expected >= 1")
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"on_error: expected 'raise' or 'skip', found {self.on_error!r}")
+        if self.verify not in ("first", "always", "never"):
+            raise ValueError(f"verify: expected first, always or never, found {self.verify!r}")
 
 
 class ShardStream(IterableDataset):
@@ -190,6 +221,7 @@ class ShardStream(IterableDataset):
         self.start_batch = 0
         self.augment = GeometricAugment() if options.augment else None
         self.skipped = 0
+        self.verify_epoch: int | None = None  # with verify="first": the first epoch this process reads
 
     @property
     def num_readers(self) -> int:
@@ -211,9 +243,23 @@ class ShardStream(IterableDataset):
     def __len__(self) -> int:
         return sum(self.batches_per_reader())
 
+    def _must_verify(self) -> bool:
+        mode = self.options.verify
+        return mode == "always" or (mode == "first" and self.epoch == self.verify_epoch)
+
     def _raw(self, units: Sequence[Unit]) -> Iterator[tuple[str, Encoded, str]]:
+        verify = self._must_verify()
         for unit in units:
             shard = self.shards[unit.shard]
+            if verify:
+                try:
+                    shard.verify()
+                except ShardFormatError as exc:
+                    if self.options.on_error == "raise":
+                        raise
+                    self.skipped += 1
+                    log.warning("skipping %s (not read): %s", shard.path.name, exc)
+                    continue
             try:
                 for index, (key, files) in enumerate(iter_tar_samples(shard.path)):
                     if index % unit.stride == unit.offset:
@@ -376,6 +422,8 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.stream.epoch, self.stream.start_batch = self.epoch, self.batch
+        if self.stream.verify_epoch is None:
+            self.stream.verify_epoch = self.epoch  # this process's first epoch (also after a resume)
         # Our streams draw from their own seeded generators; a private generator keeps the DataLoader
         # from drawing its worker base seed from the global RNG, which would make training randomness
         # (dropout) depend on when epochs start, and a resumed run differ from an uninterrupted one.

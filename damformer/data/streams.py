@@ -9,6 +9,7 @@ run would have drawn.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,8 +19,10 @@ from damformer.data.augment import GeometricAugment, training_sample
 from damformer.data.collate import collate_samples
 from damformer.data.loader import LoaderOptions, ShardLoader, ShardSet
 from damformer.data.rcs import RareClassSampler
-from damformer.data.shard_format import decode_sample
+from damformer.data.shard_format import ShardFormatError, decode_sample
 from damformer.data.shard_io import Encoded, iter_tar_samples
+
+log = logging.getLogger(__name__)
 
 
 class EndlessLoader:
@@ -51,11 +54,20 @@ class EndlessLoader:
 class ShardIndex:
     """Random access to the samples of a shard set by key (zero-copy views of the memory-mapped shards)."""
 
-    def __init__(self, shard_set: ShardSet) -> None:
+    def __init__(self, shard_set: ShardSet, *, verify: bool = True, on_error: str = "raise") -> None:
         self.files: dict[str, tuple[Encoded, str]] = {}
         for shard in shard_set.shards:
-            for key, files in iter_tar_samples(shard.path):
-                self.files[key] = (files, shard.path.name)
+            try:
+                if verify:
+                    shard.verify()  # once per process: the index lives as long as the training
+                for key, files in iter_tar_samples(shard.path):
+                    self.files[key] = (files, shard.path.name)
+            except ShardFormatError as exc:
+                if on_error == "raise":
+                    raise
+                log.warning("skipping %s: %s", shard.path.name, exc)
+                for key in shard.keys:
+                    self.files.pop(key, None)
 
     def sample(self, key: str) -> dict[str, Any]:
         """The training sample of ``key``."""
@@ -88,8 +100,11 @@ class RareClassStream:
         augment: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        verify: str = "first",
+        on_error: str = "raise",
     ) -> None:
-        keys = {key for shard in shard_set.shards for key in shard.keys}
+        self.index = ShardIndex(shard_set, verify=verify != "never", on_error=on_error)
+        keys = set(self.index.files)  # without the shards skipped as corrupt (on_error="skip")
         counts = {
             key: entry["class_pixels"]
             for manifest in shard_set.manifests
@@ -97,7 +112,6 @@ class RareClassStream:
             if key in keys and entry.get("class_pixels") is not None
         }
         self.sampler = RareClassSampler(counts, temperature=temperature, min_pixels=min_pixels, seed=seed)
-        self.index = ShardIndex(shard_set)
         self.batch_size, self.seed = batch_size, seed
         self.augment = GeometricAugment() if augment else None
         self.rank, self.world_size = rank, world_size
@@ -133,10 +147,18 @@ def endless_loader(
     num_workers: int,
     rank: int = 0,
     world_size: int = 1,
+    verify: str = "first",
+    on_error: str = "raise",
 ) -> EndlessLoader:
     """An endless, padded, seeded shard stream for one rank."""
     options = LoaderOptions(
-        batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=seed, augment=augment, pad=True
+        batch_size=batch_size,
+        shuffle_buffer=shuffle_buffer,
+        seed=seed,
+        augment=augment,
+        pad=True,
+        verify=verify,  # type: ignore[arg-type]
+        on_error=on_error,  # type: ignore[arg-type]
     )
     return EndlessLoader(
         ShardLoader(shard_set, options, rank=rank, world_size=world_size, num_workers=num_workers)

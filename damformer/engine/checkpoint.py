@@ -51,10 +51,13 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
             os.fsync(handle.fileno())
         tmp.replace(path)
     except (OSError, RuntimeError) as exc:  # torch wraps a failed write of its zip writer in RuntimeError
-        kept = "the previous checkpoint is kept" if path.is_file() else "no checkpoint was written"
+        if path.is_file():
+            kept, then = "the previous checkpoint is kept", "then resume with --resume"
+        else:  # nothing to resume from: advising --resume would only fail again
+            kept, then = "no checkpoint was written yet", "then run the same command again"
         raise CheckpointError(
             f"{path}: cannot write the checkpoint ({type(exc).__name__}: {exc}); {kept}. "
-            "Free space (or raise the quota) on that file system, then resume with --resume"
+            f"Free space (or raise the quota) on that file system, {then}"
         ) from None
     finally:
         tmp.unlink(missing_ok=True)

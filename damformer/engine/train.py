@@ -202,6 +202,8 @@ class Trainer:
                 augment=data.augment,
                 rank=rank,
                 world_size=world,
+                verify=data.verify_shards,
+                on_error=data.on_error,
             )
         else:
             self.source = endless_loader(
@@ -213,6 +215,8 @@ class Trainer:
                 num_workers=data.num_workers,
                 rank=rank,
                 world_size=world,
+                verify=data.verify_shards,
+                on_error=data.on_error,
             )
         self.target = None
         if self.target_set is not None:
@@ -225,6 +229,8 @@ class Trainer:
                 num_workers=data.num_workers,
                 rank=rank,
                 world_size=world,
+                verify=data.verify_shards,
+                on_error=data.on_error,
             )
         self.iteration = 0
         self.overflow_steps = 0

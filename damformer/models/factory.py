@@ -58,6 +58,8 @@ class ModelConfig:
         num_classes: output classes (13 for FLAIR-2).
         drop_path: MiT stochastic depth rate.
         fusion_levels: HR encoder levels that receive the fusion (negative counts from the deepest).
+        fusion_zero_init: DTF's output layers start at zero, so the temporal branch enters gradually
+            (ours; the released code initialises them randomly).
         footprint: aerial footprint as a fraction of the Sentinel-2 crop side.
         s2_bands: Sentinel-2 bands.
         utae_widths: U-TAE encoder = decoder widths.
@@ -74,6 +76,7 @@ class ModelConfig:
     num_classes: int = 13
     drop_path: float = 0.1
     fusion_levels: list[int] = field(default_factory=lambda: [-1])
+    fusion_zero_init: bool = True
     footprint: float = FLAIR2_FOOTPRINT
     s2_bands: int = 10
     utae_widths: list[int] = field(default_factory=lambda: [64, 64, 128, 128])
@@ -158,7 +161,11 @@ def build_model(config: ModelConfig) -> DAMFormer:
         widths = config.utae_widths
         temporal = UTAE(config.s2_bands, encoder_widths=widths, decoder_widths=widths)
         fusion = DeepTemporalFusion(
-            temporal.out_dim, dims, levels=config.fusion_levels, footprint=config.footprint
+            temporal.out_dim,
+            dims,
+            levels=config.fusion_levels,
+            footprint=config.footprint,
+            zero_init=config.fusion_zero_init,
         )
         lr_head = nn.Conv2d(temporal.out_dim, config.num_classes, 1)
     return DAMFormer(

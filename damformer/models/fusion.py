@@ -63,6 +63,7 @@ class DeepTemporalFusion(nn.Module):
         footprint: aerial footprint as a fraction of the S2 crop side.
         hidden: widths of the collapsed path's MLP.
         dropout: dropout after each hidden layer of the MLP.
+        zero_init: start both paths' output layers at zero (the fusion adds nothing at step 0).
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class DeepTemporalFusion(nn.Module):
         footprint: float = FLAIR2_FOOTPRINT,
         hidden: Sequence[int] = (213, 362),
         dropout: float = 0.3,
+        zero_init: bool = True,
     ) -> None:
         super().__init__()
         levels = [len(hr_dims) - 1] if levels is None else [i % len(hr_dims) for i in levels]
@@ -85,6 +87,13 @@ class DeepTemporalFusion(nn.Module):
         self.collapsed = nn.ModuleDict(
             {str(i): _mlp(lr_dim, hidden, hr_dims[i], dropout) for i in self.levels}
         )
+        if zero_init:
+            # (ours) Both paths start at zero: at step 0 the fused maps are the aerial ones, and the randomly
+            # initialised temporal branch enters as it learns (its own LR loss trains it meanwhile) instead
+            # of adding noise to the deepest aerial features from the first step.
+            for layer in [*self.cropped.values(), *(mlp[-1] for mlp in self.collapsed.values())]:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     def forward(self, hr_features: Sequence[torch.Tensor], lr_bchw: torch.Tensor) -> list[torch.Tensor]:
         """HR maps (list of (B, C_i, H_i, W_i)) and the LR map (B, C, S, S) -> fused HR maps."""

@@ -228,3 +228,20 @@ def test_explicit_folders_and_json_paths(demo_root, tmp_path):
         custom, aerial_dir="air", labels_dir="lab", sen_dir=custom / "s2", centroids_json="c.json"
     )
     assert len(dataset) == 12 and dataset[0].metadata == {}
+
+
+def test_upper_case_tif_names_are_read_not_skipped(tiny_root):
+    before = Flair2Dataset(tiny_root, domains=["south"])
+    expected = [
+        (p.patch_id, before[i].aerial.tobytes(), before[i].label.tobytes())
+        for i, p in enumerate(before.patches)
+    ]
+    for path in sorted(tiny_root.rglob("*.tif")):  # a copy from a system that upper-cases extensions
+        if path.name.startswith(("IMG_", "MSK_")):
+            path.rename(path.with_suffix(".TIF"))
+    after = Flair2Dataset(tiny_root, domains=["south"])
+    assert all(p.aerial_path.suffix == ".TIF" for p in after.patches)
+    found = [
+        (p.patch_id, after[i].aerial.tobytes(), after[i].label.tobytes()) for i, p in enumerate(after.patches)
+    ]
+    assert found == expected and len(found) > 0

@@ -88,7 +88,7 @@ def test_footprint_sample_is_centred_and_exact():
 
 def test_dtf_permuting_the_batch_permutes_the_output():
     torch.manual_seed(0)
-    fusion = DeepTemporalFusion(64, [32, 64, 160, 256], levels=[-1, 1]).eval()
+    fusion = DeepTemporalFusion(64, [32, 64, 160, 256], levels=[-1, 1], zero_init=False).eval()
     hr = [torch.randn(4, c, s, s) for c, s in ((32, 16), (64, 8), (160, 4), (256, 2))]
     lr = torch.randn(4, 64, 40, 40)
     order = torch.tensor([2, 0, 3, 1])
@@ -123,12 +123,24 @@ def test_whole_model_has_no_cross_sample_leakage():
 
 
 def test_hr_loss_trains_the_temporal_branch_through_the_fusion():
-    model = build_model(ModelConfig(arch="unet_t", backbone="mit_b0"))
     aerial = torch.randint(0, 256, (2, 5, 64, 64), dtype=torch.uint8)
     s2, mask, days = _series(batch=2, steps=3, size=16)
-    model(aerial, s2, mask, days)["hr"].sum().backward()
+    random = build_model(ModelConfig(arch="unet_t", backbone="mit_b0", fusion_zero_init=False))
+    random(aerial, s2, mask, days)["hr"].sum().backward()
+    assert random.temporal.in_conv[0][0].weight.grad.abs().sum() > 0
+    assert random.lr_head.weight.grad is None  # the HR loss alone does not reach the LR head
+    # Zero-initialised fusion (the default): nothing reaches U-TAE at step 0, then the first step opens it.
+    model = build_model(ModelConfig(arch="unet_t", backbone="mit_b0"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(aerial, s2, mask, days)["hr"].square().mean().backward()
+    assert (
+        model.temporal.in_conv[0][0].weight.grad is None
+        or model.temporal.in_conv[0][0].weight.grad.abs().sum() == 0
+    )
+    optimizer.step()
+    optimizer.zero_grad()
+    model(aerial, s2, mask, days)["hr"].square().mean().backward()
     assert model.temporal.in_conv[0][0].weight.grad.abs().sum() > 0
-    assert model.lr_head.weight.grad is None  # the HR loss alone does not reach the LR head
 
 
 def test_temporal_model_without_s2_is_a_clear_error():
@@ -149,3 +161,15 @@ def test_masked_group_norm_equals_group_norm_on_real_dates():
     real = torch.tensor([True, True, False, True, False])
     part = masked_group_norm(x, real.expand(6, 5), norm)
     torch.testing.assert_close(part[:, :, real], norm(x[:, :, real]))
+
+
+def test_zero_initialised_fusion_starts_as_the_aerial_features_and_learns():
+    torch.manual_seed(0)
+    fusion = DeepTemporalFusion(64, [32, 64, 160, 256], levels=[-1])
+    hr = [torch.randn(2, c, s, s) for c, s in ((32, 16), (64, 8), (160, 4), (256, 2))]
+    lr = torch.randn(2, 64, 40, 40, requires_grad=True)
+    out = fusion(hr, lr)
+    torch.testing.assert_close(out[3], hr[3])  # adds nothing at step 0
+    out[3].square().sum().backward()
+    assert fusion.cropped["3"].weight.grad.abs().sum() > 0  # ... but its output layers get gradients
+    assert fusion.collapsed["3"][-1].weight.grad.abs().sum() > 0

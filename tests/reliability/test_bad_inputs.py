@@ -97,3 +97,75 @@ def test_resume_may_change_the_schedule_end_evaluation_and_logging(tiny_override
     allowed = {"optim": {"max_iters": 4}, "eval": {"interval": 2, "batch_size": 1}, "log": {"interval": 2}}
     result = Trainer(load_config(None, tiny_overrides(run, **allowed))).run(resume=True)
     assert result.iterations == 4 and result.scores is not None
+
+
+@pytest.mark.parametrize(
+    ("change", "extra", "message"),
+    [
+        ({"optim": {"lr": -1}}, [], "optim.lr: expected > 0.0, found -1.0"),
+        ({"optim": {"weight_decay": -0.1}}, [], "optim.weight_decay: expected >= 0.0, found -0.1"),
+        ({"data": {"num_workers": -1}}, [], "data.num_workers: expected >= 0, found -1"),
+        ({"data": {"shuffle_buffer": -2}}, [], "data.shuffle_buffer: expected >= 0, found -2"),
+        ({"eval": {"batch_size": -1}}, [], "eval.batch_size: expected > 0, found -1"),
+        ({"eval": {"batch_size": 0}}, [], "eval.batch_size: expected > 0, found 0"),
+        ({}, ["--stop-after", "0"], "--stop-after 0: expected an iteration >= 1"),
+    ],
+)
+def test_bad_training_values_are_one_line_before_any_compute(
+    tiny_overrides, tmp_path, change, extra, message
+):
+    run = tmp_path / "run"
+    result = _train(tiny_overrides(run, **change), *extra)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not run.exists()
+
+
+def test_an_output_dir_that_is_a_file_or_read_only_is_one_line(tiny_overrides, tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    result = _train(tiny_overrides(tmp_path / "run"), "--output-dir", str(a_file))
+    assert result.returncode == 2 and f"--output-dir {a_file}: is a file" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1  # was a chained double traceback
+    result = _train(tiny_overrides(tmp_path / "run"), "--output-dir", "/proc/damformer-run")
+    assert (
+        result.returncode == 2 and "--output-dir /proc/damformer-run: cannot write in /proc" in result.stderr
+    )
+
+
+def test_evaluate_refuses_unlabelled_shards_and_a_zero_batch(tiny_overrides, tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    Trainer(load_config(None, tiny_overrides(run, **NO_EVAL))).run(stop_after=1)
+    evaluate = [
+        sys.executable,
+        "-m",
+        "damformer",
+        "-q",
+        "evaluate",
+        "--checkpoint",
+        str(run / "checkpoint.pt"),
+    ]
+    result = subprocess.run(
+        [*evaluate, "--shards", str(tiny_shards["north"])], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "sharded without labels (--no-labels)" in result.stderr, result.stderr
+    result = subprocess.run(
+        [*evaluate, "--shards", str(tiny_shards["north-test"]), "--batch-size", "0"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "--batch-size 0: expected >= 1" in result.stderr, result.stderr
+
+
+def test_disk_full_before_any_checkpoint_does_not_advise_resume(tiny_overrides, tmp_path):
+    import resource
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # a checkpoint is larger
+
+    command = [sys.executable, "-m", "damformer", "-q", "train", "/dev/null"]
+    for assignment in tiny_overrides(tmp_path / "run", **NO_EVAL):
+        command += ["--set", assignment]
+    result = subprocess.run(command, capture_output=True, text=True, check=False, preexec_fn=small_files)
+    assert result.returncode == 2, result.stderr
+    assert "no checkpoint was written yet" in result.stderr and "run the same command again" in result.stderr
+    assert "--resume" not in result.stderr

@@ -10,7 +10,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -134,3 +136,31 @@ def test_shard_overwrite_removes_only_the_files_of_the_set(tiny_root, tmp_path):
     for name, data in keep.items():
         assert (out / name).read_bytes() == data, name
     assert all((out / name).exists() for name in mine)  # rewritten under the same scheme
+
+
+def _flip_a_byte_in_aerial(shard: Path) -> None:
+    """One flipped bit in the pixel data of the first aerial.npy: the tar itself stays valid."""
+    with tarfile.open(shard) as archive:
+        member = next(m for m in archive.getmembers() if m.name.endswith("aerial.npy"))
+    data = bytearray(shard.read_bytes())
+    data[member.offset_data + member.size // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("rcs", [False, True])
+def test_a_flipped_byte_in_a_shard_is_not_trained_on_silently(rcs, tiny_overrides, tiny_shards, tmp_path):
+    south = tmp_path / "south"
+    shutil.copytree(tiny_shards["south"], south)
+    shard = sorted(south.glob("*.tar"))[0]
+    _flip_a_byte_in_aerial(shard)
+    sections = {**NO_EVAL, "data": {"source": [str(south)]}, "uda": {"rcs": rcs}, "optim": {"max_iters": 2}}
+    command = _train_command(tiny_overrides(tmp_path / "run", **sections))
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode == 2, result.stderr
+    assert f"{shard}: sha256 mismatch" in result.stderr and "data.on_error=skip" in result.stderr
+    assert "Traceback" not in result.stderr
+    sections["data"]["on_error"] = "skip"
+    command = _train_command(tiny_overrides(tmp_path / "skip", **sections))
+    skipped = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert skipped.returncode == 0, skipped.stderr
+    assert f"skipping {shard.name}" in skipped.stderr
