@@ -714,6 +714,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``damformer`` console script; returns the process exit code."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"]:  # its own parser: what follows "--" is another damformer command
+        from damformer.engine.launch import main as launch_main
+
+        return launch_main(argv[1:])
     for index in range(len(argv) - 1):  # 'shard verify DIR' reads better than a separate command name
         if argv[index : index + 2] == ["shard", "verify"]:
             argv[index : index + 2] = ["shard-verify"]

@@ -396,7 +396,7 @@ _LOWER_BOUNDS = (
     ("optim", "temporal_lr_mult", 0.0, True),
     ("optim", "warmup", 0, False),
     ("data", "num_workers", 0, False),
-    ("data", "shuffle_buffer", 0, False),
+    ("data", "shuffle_buffer", 0, True),  # the loader needs >= 1 (1: no shuffling)
     ("eval", "batch_size", 0, True),
     ("log", "mosaic_patches", 0, False),
     ("uda", "hr_weight", 0.0, False),

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# One node, one process per GPU (DDP, or DeepSpeed with --set dist.engine=deepspeed).
+# One node, one process per GPU (DDP, or DeepSpeed with --set dist.engine=deepspeed), every socket on
+# the loopback. The workers see what torchrun would give them (RANK, WORLD_SIZE, MASTER_ADDR, ...),
+# but the job runs under `damformer launch`: torchrun's agent and store listen on every network
+# interface whatever the endpoint, and a single-node job has no reason to be reachable from outside.
 #   usage: launch/torchrun.sh CONFIG [damformer train options...]
 #   e.g.   GPUS=4 launch/torchrun.sh configs/ablation/damformer-rgbne-t.yaml --set data.batch_size=2
 # GPUS: processes to start (default: the visible GPUs, or 2 CPU processes without a GPU).
+# MAX_RESTARTS: restarts after a failing worker, from the last checkpoint (default 0).
 # The global batch is data.batch_size x GPUS x optim.grad_accum; the trainer prints it at the start.
 set -euo pipefail
 config="${1:?usage: launch/torchrun.sh CONFIG [damformer train options...]}"
 shift
 gpus="${GPUS:-$(python -c 'import torch; print(torch.cuda.device_count() or 2)')}"
-exec torchrun --standalone --nproc_per_node="$gpus" -m damformer train "$config" "$@"
+exec python -m damformer launch --nproc "$gpus" --max-restarts "${MAX_RESTARTS:-0}" -- train "$config" --auto-resume "$@"

@@ -84,7 +84,14 @@ def init_distributed(device: torch.device, env: Mapping[str, str] | None = None)
     if device.type == "cuda":
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        store, *_ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=TIMEOUT))
+        listen_fd = env.get("DAMFORMER_STORE_FD") if rank == 0 else None
+        if listen_fd is not None:  # damformer launch bound the store's socket to the loopback
+            store = dist.TCPStore(
+                env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, True, timeout=TIMEOUT,
+                master_listen_fd=int(listen_fd),
+            )  # fmt: skip
+        else:
+            store, *_ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=TIMEOUT))
         prefix = _restart_prefix(env)
         if prefix is not None:
             store = dist.PrefixStore(prefix, store)

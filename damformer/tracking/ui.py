@@ -8,12 +8,16 @@ a run folder named ``x; rm -rf ~`` is just a strange path.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import FrameType
 
 from damformer.errors import DamformerError
 from damformer.tracking.mlflow_tracker import STORE_NAME, default_tracking_uri
@@ -56,8 +60,25 @@ def ui_command(run_dir: Path, *, host: str = DEFAULT_HOST, port: int = 5000) -> 
     ]  # fmt: skip
 
 
+def _check_port(host: str, port: int) -> None:
+    """The port must be free: MLflow's own message for a busy port is buried among its start-up lines."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise UIError(
+                f"port {port} on {host} is not free ({exc.strerror}): another server runs there; pass "
+                "--port with a free one"
+            ) from None
+
+
 def serve(run_dir: Path, *, host: str = DEFAULT_HOST, port: int = 5000) -> int:
-    """Run the MLflow UI in the foreground until Ctrl-C; returns the server's exit code."""
+    """Run the MLflow UI in the foreground until Ctrl-C or SIGTERM; returns the server's exit code.
+
+    The server runs in its own process group (MLflow starts worker processes): Ctrl-C and SIGTERM to
+    this command stop the whole group, so no server is left listening after it.
+    """
     command = ui_command(run_dir, host=host, port=port)
     if not is_loopback(host):
         log.warning(
@@ -66,9 +87,32 @@ def serve(run_dir: Path, *, host: str = DEFAULT_HOST, port: int = 5000) -> int:
             host,
             port,
         )
+    _check_port(host, port)
     print(f"MLflow UI of {run_dir} on http://{host}:{port} (Ctrl-C stops it)", flush=True)
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no extra job-runner workers
+    server = subprocess.Popen(command, env=env, start_new_session=True)
+    stopping: list[int] = []
+
+    def stop(number: int, _frame: FrameType | None) -> None:
+        stopping.append(number)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+
+    previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return subprocess.run(command, env=env, check=False).returncode
-    except KeyboardInterrupt:
-        return 0
+        while True:
+            try:
+                code = server.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        if stopping:
+            with contextlib.suppress(ProcessLookupError):  # workers that outlive their master
+                os.killpg(server.pid, signal.SIGKILL)
+            return 0
+        if code != 0:
+            raise UIError(f"the MLflow server stopped with exit code {code} (its messages are above)")
+        return code
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)

@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -68,8 +69,56 @@ def test_deepspeed_launcher_with_zero1(tiny_overrides, tmp_path):
     assert state["engine"] == "deepspeed" and state["world_size"] == 2 and state["iteration"] == 2
 
 
-def test_single_node_launcher(tiny_overrides, tmp_path):
-    overrides = tiny_overrides(tmp_path / "one", optim={"max_iters": 1}, eval={"interval": 0})
-    out, _ = _finish(_launch("torchrun.sh", overrides, GPUS="2"))
+def _process_tree(root: int) -> set[int]:
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    tree, grown = {root}, True
+    while grown:
+        grown = False
+        for pid, parent in parents.items():
+            if parent in tree and pid not in tree:
+                tree.add(pid)
+                grown = True
+    return tree
+
+
+def _listening_addresses(pids: set[int]) -> set[str]:
+    """Local addresses (hex, as /proc/net/tcp* write them) of the sockets these processes listen on."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                found.add(fields[1].split(":")[0])
+    return found
+
+
+LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1
+
+
+def test_single_node_launcher_keeps_every_socket_on_the_loopback(tiny_overrides, tmp_path):
+    overrides = tiny_overrides(tmp_path / "one", optim={"max_iters": 30}, eval={"interval": 0})
+    process = _launch("torchrun.sh", overrides, GPUS="2")
+    seen: set[str] = set()
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline and len(seen) < 3:
+        seen |= _listening_addresses(_process_tree(process.pid))  # the store and gloo's mesh
+        time.sleep(0.2)
+    out, _ = _finish(process)
+    assert len(seen) >= 1 and seen <= LOOPBACK, seen  # torchrun --standalone listened on :: (all)
     assert "x 2 ranks" in out
     assert load_checkpoint(tmp_path / "one" / "checkpoint.pt")["world_size"] == 2

@@ -105,7 +105,7 @@ def test_resume_may_change_the_schedule_end_evaluation_and_logging(tiny_override
         ({"optim": {"lr": -1}}, [], "optim.lr: expected > 0.0, found -1.0"),
         ({"optim": {"weight_decay": -0.1}}, [], "optim.weight_decay: expected >= 0.0, found -0.1"),
         ({"data": {"num_workers": -1}}, [], "data.num_workers: expected >= 0, found -1"),
-        ({"data": {"shuffle_buffer": -2}}, [], "data.shuffle_buffer: expected >= 0, found -2"),
+        ({"data": {"shuffle_buffer": 0}}, [], "data.shuffle_buffer: expected > 0, found 0"),
         ({"eval": {"batch_size": -1}}, [], "eval.batch_size: expected > 0, found -1"),
         ({"eval": {"batch_size": 0}}, [], "eval.batch_size: expected > 0, found 0"),
         ({}, ["--stop-after", "0"], "--stop-after 0: expected an iteration >= 1"),

@@ -133,6 +133,69 @@ def test_ui_refuses_a_folder_without_a_store_and_warns_off_the_loopback(tmp_path
     assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3")
 
 
+def _tracked_run(folder: Path) -> Path:
+    from damformer.tracking.mlflow_tracker import Tracker
+
+    folder.mkdir()
+    tracker = Tracker(f"sqlite:///{folder / 'mlflow.db'}", "ui", "a run", artifact_root=folder / "mlruns")
+    tracker.finish()
+    return folder
+
+
+def test_ui_on_a_busy_port_is_one_line_and_non_zero(tmp_path):
+    run = _tracked_run(tmp_path / "run")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "damformer", "ui", str(run), "--port", str(port)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert result.returncode == 2, result.stderr  # was 0 after a buried message
+    assert f"port {port} on 127.0.0.1 is not free" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _processes_listening_on(port: int) -> set[int]:
+    inodes = {line.split()[9] for table in ("/proc/net/tcp", "/proc/net/tcp6")
+              for line in Path(table).read_text().splitlines()[1:]
+              if line.split()[3] == "0A" and int(line.split()[1].rsplit(":", 1)[1], 16) == port}  # fmt: skip
+    owners = set()
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            if os.readlink(fd) in {f"socket:[{inode}]" for inode in inodes}:
+                owners.add(int(fd.parts[2]))
+        except OSError:
+            continue
+    return owners
+
+
+def test_sigterm_to_the_ui_stops_the_server_it_started(tmp_path):
+    run = _tracked_run(tmp_path / "run")
+    port = _free_port()
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "damformer", "ui", str(run), "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not _listening_addresses(port):
+            assert ui.poll() is None, ui.stderr.read()
+            time.sleep(0.5)
+        servers = _processes_listening_on(port)
+        assert servers and ui.pid not in servers  # the MLflow server: a child process
+        ui.terminate()  # SIGTERM
+        assert ui.wait(timeout=60) == 0
+        time.sleep(1)
+        assert not _listening_addresses(port)  # was orphaned, still listening
+        assert not [pid for pid in servers if Path(f"/proc/{pid}").exists()]
+    finally:
+        if ui.poll() is None:
+            ui.kill()
+            ui.wait()
+
+
 # -- no shell strings ---------------------------------------------------------------------------------
 
 SHELL_CALLS = {
