@@ -58,6 +58,9 @@ class ModelConfig:
         num_classes: output classes (13 for FLAIR-2).
         drop_path: MiT stochastic depth rate.
         fusion_levels: HR encoder levels that receive the fusion (negative counts from the deepest).
+            Default: the four deepest (every MiT level), as FLAIR-2's U-T&T; the authors' release fuses
+            into the deepest only (``[-1]``), which on the miniature left the HR head blind to what the
+            Sentinel-2 branch had learnt (benchmarks/RESULTS.md, "time series"). ``[]``: no fusion.
         fusion_zero_init: DTF's output layers start at zero, so the temporal branch enters gradually
             (ours; the released code initialises them randomly).
         footprint: aerial footprint as a fraction of the Sentinel-2 crop side.
@@ -75,7 +78,7 @@ class ModelConfig:
     head: str = "daformer"
     num_classes: int = 13
     drop_path: float = 0.1
-    fusion_levels: list[int] = field(default_factory=lambda: [-1])
+    fusion_levels: list[int] = field(default_factory=lambda: [-4, -3, -2, -1])
     fusion_zero_init: bool = True
     footprint: float = FLAIR2_FOOTPRINT
     s2_bands: int = 10

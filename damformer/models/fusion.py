@@ -1,6 +1,7 @@
 """Deep temporal fusion (DTF): inject the Sentinel-2 branch's map into the aerial encoder's features.
 
-Two paths, summed into the HR encoder maps at the chosen levels (default: the deepest, as the authors):
+Two paths, summed into the HR encoder maps at the chosen levels (``model.fusion_levels``; by default
+every level, as FLAIR-2's U-T&T; the authors' release uses the deepest only):
 
 * cropped: the part of the LR map under the aerial footprint (102.4 m of a 400 m crop: 10.24 of 40
   pixels), after a 1x1 conv to the level's width, sampled bilinearly at the level's pixels (ours: the
