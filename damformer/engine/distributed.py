@@ -137,14 +137,13 @@ def barrier(context: DistContext) -> None:
         dist.barrier()
 
 
-def mean_over_ranks(context: DistContext, values: dict[str, float]) -> dict[str, float]:
-    """Average scalar metrics over the ranks (keys must be the same on every rank)."""
-    if not context.enabled or not values:
+def mean_over_ranks(context: DistContext, values: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values`` (any shape) over the ranks, in one collective (on one process: ``values``)."""
+    if not context.enabled:
         return values
-    keys = sorted(values)
-    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return {k: float(v) / context.world_size for k, v in zip(keys, tensor.tolist(), strict=True)}
+    reduced = _on_backend(context, values.detach().clone())
+    dist.all_reduce(reduced)
+    return reduced / context.world_size
 
 
 def _on_backend(context: DistContext, tensor: torch.Tensor) -> torch.Tensor:

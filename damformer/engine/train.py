@@ -61,6 +61,9 @@ from damformer.uda.dacs import SelfTraining
 log = logging.getLogger(__name__)
 
 
+STOP_CHECK_STEPS = 10  # under DDP, the ranks agree on stop requests this often (and at log intervals)
+
+
 def _due(iteration: int, interval: int) -> bool:
     """Whether a periodic action with this interval falls on ``iteration`` (interval 0: never)."""
     return interval > 0 and iteration % interval == 0
@@ -160,7 +163,9 @@ class Trainer:
         self.model = model.to(self.device)
         if self.dist.enabled:
             torch.manual_seed(config.run.seed + 1_000_003 * rank)  # dropout / drop-path differ per rank
-        self.uda = SelfTraining(self.model, config.uda, seed=config.run.seed + 7919 * rank).to(self.device)
+        self.uda = SelfTraining(self.model, config.uda, seed=config.run.seed + 7919 * rank).to_device(
+            self.device
+        )
         self.uda.autocast = self.autocast
         self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
         self.engine_name = config.dist.engine if self.dist.enabled else "single"
@@ -237,6 +242,7 @@ class Trainer:
         self.tracker = Tracker.off()
         self.tracking_run_id: str | None = None  # kept in checkpoints: a resumed run continues it
         self.history: list[dict[str, float]] = []
+        self._pending: list[tuple[int, float, dict[str, torch.Tensor]]] = []  # steps not read yet
         self.evaluations: list[dict[str, Any]] = []
 
     @property
@@ -324,6 +330,7 @@ class Trainer:
 
     def save(self) -> Path:
         """Write the checkpoint and the loss history (atomically, rank 0; every rank must call it)."""
+        self.flush_metrics()
         path = self.output_dir / CHECKPOINT_NAME
         state = self.state_dict()
         root = self.output_dir / deepspeed_engine.DEEPSPEED_DIR
@@ -345,13 +352,17 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
 
-    def step(self) -> dict[str, float]:
-        """One optimiser step (``grad_accum`` micro-steps), then the teacher's EMA step."""
+    def step(self) -> dict[str, torch.Tensor]:
+        """One optimiser step (``grad_accum`` micro-steps), then the teacher's EMA step.
+
+        Returns the step's metrics as detached device tensors, also queued for :meth:`flush_metrics`:
+        nothing here waits for the device, so a GPU runs ahead of the host between log intervals.
+        """
         optim = self.config.optim
         factor = lr_factor(self.iteration, warmup=optim.warmup, max_iters=optim.max_iters)
         set_learning_rate(self.optimizer, optim.lr, factor)
         self.model.train()
-        totals: dict[str, float] = {}
+        totals: dict[str, torch.Tensor] = {}
         backward = None
         if self.scaler is not None:
             scaler = self.scaler
@@ -372,55 +383,78 @@ class Trainer:
                     source, target, backward=backward, scale=1.0 / optim.grad_accum
                 )
             for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + value / optim.grad_accum
+                share = value / optim.grad_accum
+                totals[key] = totals[key] + share if key in totals else share
         if self.ds is not None:
             totals.update(self._deepspeed_step())
         else:
             totals.update(self._optimizer_step())
         self.uda.update_teacher(self.iteration)
-        totals = mean_over_ranks(self.dist, totals)
-        if self.scaler is not None or (self.ds is not None and self.ds.fp16_enabled()):
-            totals["loss_scale"] = self._loss_scale()
-            totals["overflow_steps"] = float(self.overflow_steps)
-        totals["lr"] = optim.lr * factor
-        totals["iteration"] = self.iteration
+        self._pending.append((self.iteration, optim.lr * factor, totals))
         self.iteration += 1
         return totals
 
-    def _loss_scale(self) -> float:
-        if self.ds is not None:
-            return float(deepspeed_engine.loss_scale(self.ds) or 1.0)
-        return float(self.scaler.get_scale()) if self.scaler is not None else 1.0
+    def flush_metrics(self) -> list[dict[str, float]]:
+        """Read the queued steps' metrics into the history: one reduction over the ranks, one transfer.
 
-    def _deepspeed_step(self) -> dict[str, float]:
+        Called at log intervals, before checkpoints and at the end. Returns the new history entries.
+        """
+        if not self._pending:
+            return []
+        keys = [sorted(values) for _, _, values in self._pending]
+        flat = torch.cat(
+            [
+                torch.stack([values[k].reshape(()).double() for k in names])
+                for (_, _, values), names in zip(self._pending, keys, strict=True)
+            ]
+        )
+        numbers = mean_over_ranks(self.dist, flat).tolist()  # the one wait for the device
+        entries, position = [], 0
+        for (iteration, lr, _), names in zip(self._pending, keys, strict=True):
+            entry = dict(zip(names, numbers[position : position + len(names)], strict=True))
+            position += len(names)
+            if "overflow" in entry:  # fp16: the step was skipped (every rank saw the same gradients)
+                if entry.pop("overflow") > 0.5:
+                    self.overflow_steps += 1
+                    log.warning("iteration %d: fp16 gradient overflow, step skipped", iteration)
+                entry["overflow_steps"] = float(self.overflow_steps)
+            entry["lr"], entry["iteration"] = lr, iteration
+            entries.append(entry)
+        self._pending.clear()
+        self.history.extend(entries)
+        return entries
+
+    def _deepspeed_step(self) -> dict[str, torch.Tensor]:
         """DeepSpeed reduces the accumulated gradients, clips, steps (or skips on fp16 overflow)."""
         skipped = self.ds.skipped_steps
         self.ds.step()
-        metrics: dict[str, float] = {}
-        if self.ds.skipped_steps > skipped:
-            self.overflow_steps += 1
-            log.warning("iteration %d: fp16 gradient overflow, step skipped", self.iteration)
+        metrics: dict[str, torch.Tensor] = {}
+        if self.ds.fp16_enabled():
+            skipped_now = float(self.ds.skipped_steps > skipped)
+            metrics["overflow"] = torch.tensor(skipped_now, device=self.device)
+            scale = float(deepspeed_engine.loss_scale(self.ds) or 1.0)
+            metrics["loss_scale"] = torch.tensor(scale, device=self.device)
         if self.config.optim.grad_clip is not None and self.ds.get_global_grad_norm() is not None:
-            metrics["grad_norm"] = float(self.ds.get_global_grad_norm())
+            metrics["grad_norm"] = torch.tensor(float(self.ds.get_global_grad_norm()), device=self.device)
         return metrics
 
-    def _optimizer_step(self) -> dict[str, float]:
+    def _optimizer_step(self) -> dict[str, torch.Tensor]:
         """Clip (unscaled), step (GradScaler skips overflowing fp16 steps), zero the gradients."""
         optim = self.config.optim
-        totals: dict[str, float] = {}
+        totals: dict[str, torch.Tensor] = {}
         if self.scaler is not None and optim.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
         if optim.grad_clip is not None:
-            totals["grad_norm"] = float(
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), optim.grad_clip)
-            )
+            totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), optim.grad_clip
+            ).detach()
         if self.scaler is not None:
-            scale = self.scaler.get_scale()
+            # GradScaler.get_scale() reads the scale on the host; its tensor tells the same without waiting
+            before = self.scaler._scale.detach().clone()
             self.scaler.step(self.optimizer)  # skips the step when a gradient is inf/NaN
             self.scaler.update()
-            if self.scaler.get_scale() < scale:
-                self.overflow_steps += 1
-                log.warning("iteration %d: fp16 gradient overflow, step skipped", self.iteration)
+            totals["overflow"] = (self.scaler._scale < before).float().reshape(())
+            totals["loss_scale"] = self.scaler._scale.detach().clone().reshape(())
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -561,12 +595,13 @@ class Trainer:
         if self.dist.is_main:  # one progress bar per job, not per rank
             steps = progress(steps, desc="train", unit="it", total=end - self.iteration)
         for _ in steps:
-            metrics = self.step()
-            self.history.append(metrics)
+            self.step()
             done = self.iteration
-            if _due(done, config.log.interval) or done == end:
+            logging_now = _due(done, config.log.interval) or done == end
+            if logging_now:
+                metrics = self.flush_metrics()[-1]
                 rate = (done - first) / max(time.perf_counter() - started, 1e-9)
-                shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("iteration",))
+                shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("iteration",))
                 log.info("it %d/%d %s (%.2f it/s)", done, config.optim.max_iters, shown, rate)
                 system = tracking.system_metrics(
                     samples_per_second=rate * self.global_batch, device=self.device
@@ -580,7 +615,9 @@ class Trainer:
                 self.save()
                 saved = True
             saved_at_end = saved
-            if stop.requested():
+            # Ranks agree on a stop with a collective: every step on one process (nothing to agree on),
+            # every STOP_CHECK_STEPS steps and at log intervals under DDP (no sync in between).
+            if (not self.dist.enabled or logging_now or done % STOP_CHECK_STEPS == 0) and stop.requested():
                 reason = stop.reason() or "a request on another rank"
                 if not saved:
                     self.save()
@@ -589,6 +626,7 @@ class Trainer:
                     done,
                     reason,
                 )
+                self.flush_metrics()
                 return TrainResult(self.output_dir, self.iteration, self.history, None, stopped=reason)
         scores = None
         if self.iteration >= config.optim.max_iters:

@@ -1,9 +1,11 @@
 """U-TAE: the Sentinel-2 branch (a spatial U-Net shared over dates, temporal attention at the bottleneck).
 
 Method.md section 3. Shapes: ``s2`` (B, T, C, H, W) with a padding mask (B, T) (True = a real date)
-and day offsets (B, T). Only real dates go through the spatial encoder, so padding dates cannot change
-the output. L-TAE attends over time at each bottleneck pixel with one learned query per head; each
-head's attention map then collapses its channel group of every encoder level (group attention skips).
+and day offsets (B, T). Padded dates cannot change the output: the spatial encoder works frame by frame
+and their features are zeroed after it (static shapes, for torch.compile), the temporal normalisation
+and attention skip them. L-TAE attends over time at each bottleneck pixel with one learned query per
+head; each head's attention map then collapses its channel group of every encoder level (group
+attention skips).
 """
 
 from __future__ import annotations
@@ -203,21 +205,19 @@ class UTAE(nn.Module):
         self.out_dim = previous
 
     def _encode(self, s2: torch.Tensor, mask_bt: torch.Tensor) -> list[torch.Tensor]:
-        """Spatial encoder on real dates only; padded dates come back as zeros, per level (B, T, C, H, W)."""
-        dense = bool(mask_bt.all())
-        # no padding in the batch: fold time into the batch as a view (gather and scatter copy every level)
-        frames = s2.flatten(0, 1) if dense else s2[mask_bt]  # (real dates, C, H, W)
+        """Spatial encoder over every date, padded ones zeroed after it: per level (B, T, C, H, W).
+
+        Static shapes (torch.compile's fullgraph, no host sync): padded dates go through the encoder
+        too, and are zeroed after it. Every layer acts on each frame alone (convolutions, GroupNorm per
+        frame, no BatchNorm), so a padded frame cannot change a real one: the output equals encoding the
+        real dates alone.
+        """
+        frames = s2.flatten(0, 1)  # (B * T, C, H, W): time folded into the batch, a view
         levels = [self.in_conv(frames)]
         for block in self.down:
             levels.append(block(levels[-1]))
-        if dense:
-            return [level.unflatten(0, mask_bt.shape) for level in levels]
-        out = []
-        for level in levels:
-            full = level.new_zeros(*mask_bt.shape, *level.shape[1:])
-            full[mask_bt] = level
-            out.append(full)
-        return out
+        real = mask_bt[:, :, None, None, None].to(s2.dtype)
+        return [level.unflatten(0, mask_bt.shape) * real for level in levels]
 
     def forward(self, s2: torch.Tensor, mask_bt: torch.Tensor, days_bt: torch.Tensor) -> torch.Tensor:
         """See the class docstring."""

@@ -73,10 +73,10 @@ def dice_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor |
     intersection = (probs * onehot * pixel).sum(dim=(0, 2, 3))
     truth = (onehot * pixel).sum(dim=(0, 2, 3))
     sizes = (probs * pixel).sum(dim=(0, 2, 3)) + truth
-    present = truth > 0  # soft predictions give every class some mass: average over the labelled ones
-    if not present.any():
-        return logits.sum() * 0.0
-    return 1.0 - (2.0 * intersection[present] / sizes[present]).mean()
+    present = (truth > 0).float()  # soft predictions give every class some mass: average over labelled ones
+    dice = 2.0 * intersection / sizes.clamp_min(1e-6)
+    # a masked mean, not an indexed one: no host synchronisation; 0 (keeping the graph) without labels
+    return (present * (1.0 - dice)).sum() / present.sum().clamp_min(1.0)
 
 
 class SelfTraining(nn.Module):
@@ -104,7 +104,8 @@ class SelfTraining(nn.Module):
             self.imagenet = copy.deepcopy(student).requires_grad_(False).eval()
             self.imagenet.decoder = nn.Identity()  # only its encoder (and band adapter) is ever run
             self.imagenet.temporal = self.imagenet.fusion = self.imagenet.lr_head = None
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)  # moved with the data: to_device()
         # Set by the engine: the student's forward wrapper (DDP) and the autocast context (AMP). Plain
         # attributes, not submodules, so checkpoints keep the bare ``student.*`` keys.
         self.use_student_forward(student)
@@ -140,7 +141,8 @@ class SelfTraining(nn.Module):
 
     def feature_distance(self, source: Batch, features: list[torch.Tensor]) -> torch.Tensor:
         """L2 distance to the frozen ImageNet encoder on cells mostly (>= 75%) of the configured classes."""
-        assert self.imagenet is not None
+        if self.imagenet is None:
+            raise RuntimeError("feature distance needs uda.feature_distance (the frozen ImageNet encoder)")
         with torch.no_grad():
             x = self.imagenet.normalise_aerial(source["aerial"])
             if self.imagenet.adapter is not None:
@@ -152,27 +154,37 @@ class SelfTraining(nn.Module):
         for cls in self.config.fd_classes:
             things += (labels == cls).float()
         purity = F.adaptive_avg_pool2d(things[:, None], student.shape[-2:])[:, 0]
-        cells = purity >= 0.75
-        if not cells.any():
-            return student.sum() * 0.0  # keeps the graph (DDP expects every parameter used)
-        distance = torch.norm(student - reference, dim=1)[cells]
-        return self.config.fd_lambda * distance.mean()
+        cells = (purity >= 0.75).float()
+        distance = torch.norm(student - reference, dim=1)
+        # masked mean (no host synchronisation); 0 without such cells, keeping the graph for DDP
+        return self.config.fd_lambda * (distance * cells).sum() / cells.sum().clamp_min(1.0)
 
     # -- the step ----------------------------------------------------------------------------------
 
+    def to_device(self, device: torch.device) -> SelfTraining:
+        """Move the modules and the random generator (its draws happen where the data is)."""
+        self.to(device)
+        if self.generator.device != device:
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self
+
     def forward_backward(
         self, source: Batch, target: Batch | None, *, backward: Backward | None = None, scale: float = 1.0
-    ) -> dict[str, float]:
-        """Compute and back-propagate every loss of one (micro-)step; returns scalar metrics."""
+    ) -> dict[str, torch.Tensor]:
+        """Compute and back-propagate every loss of one (micro-)step.
+
+        Returns the metrics as detached 0-d tensors on the device: reading them would wait for the device,
+        so the engine reads them once per log interval, not here.
+        """
         backward = backward or (lambda loss: loss.backward())
-        metrics: dict[str, float] = {}
+        metrics: dict[str, torch.Tensor] = {}
         with self.autocast():
             out = self.student_forward(*model_inputs(source))
             loss = self.supervised_loss(out, source["label"])
-            metrics["loss_source"] = float(loss.detach())
+            metrics["loss_source"] = loss.detach()
             if self.imagenet is not None:
                 distance = self.feature_distance(source, out["features"])
-                metrics["loss_feature_distance"] = float(distance.detach())
+                metrics["loss_feature_distance"] = distance.detach()
                 loss = loss + distance
         backward(loss * scale)
         del out
@@ -190,7 +202,7 @@ class SelfTraining(nn.Module):
             labels, weight = pseudo_labels(
                 probs, threshold=self.config.pseudo_threshold, mode=self.config.pseudo_weight
             )
-        metrics["pseudo_confidence"] = float(weight.mean())
+        metrics["pseudo_confidence"] = weight.mean()
 
         source_labels = source["label"].long()
         if self.config.classmix:
@@ -207,7 +219,7 @@ class SelfTraining(nn.Module):
         with self.autocast():
             mixed_out = self.student_forward(*model_inputs(mixed))
             mixed_loss = self.supervised_loss(mixed_out, mixed_labels, mixed_weight, lr_valid=~masks)
-        metrics["loss_mixed"] = float(mixed_loss.detach())
+        metrics["loss_mixed"] = mixed_loss.detach()
         backward(mixed_loss * scale)
         del mixed_out
 
@@ -217,7 +229,7 @@ class SelfTraining(nn.Module):
             with self.autocast():
                 mic_out = self.student_forward(*model_inputs(masked))
                 mic_loss = self.config.mic_weight * weighted_cross_entropy(mic_out["hr"], labels, weight)
-            metrics["loss_mic"] = float(mic_loss.detach())
+            metrics["loss_mic"] = mic_loss.detach()
             backward(mic_loss * scale)
         return metrics
 
@@ -226,12 +238,11 @@ class SelfTraining(nn.Module):
         batch, bands, height, width = aerial.shape
         block = self.config.mic_block
         grid = (-(-height // block), -(-width // block))
-        keep = torch.rand(batch, 1, *grid, generator=self.generator) >= self.config.mic_ratio
         keep = (
-            keep.repeat_interleave(block, 2)
-            .repeat_interleave(block, 3)[..., :height, :width]
-            .to(aerial.device)
+            torch.rand(batch, 1, *grid, generator=self.generator, device=aerial.device)
+            >= self.config.mic_ratio
         )
+        keep = keep.repeat_interleave(block, 2).repeat_interleave(block, 3)[..., :height, :width]
         fill = torch.tensor(AERIAL_MEAN[:bands], device=aerial.device)[None, :, None, None]
         return torch.where(keep, aerial, fill)
 

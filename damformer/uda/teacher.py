@@ -64,11 +64,15 @@ class EMATeacher(nn.Module):
         """
         rate = self.rate(iteration)
         student = getattr(student, "module", student)  # DDP / DeepSpeed wrappers
-        for mine, theirs in zip(self.model.parameters(), student.parameters(), strict=True):
-            mine.mul_(rate).add_(theirs.detach(), alpha=1.0 - rate)
+        mine = list(self.model.parameters())
+        theirs = [p.detach() for p in student.parameters()]
+        if len(mine) != len(theirs):
+            raise ValueError(f"EMA teacher: {len(mine)} parameters, the student {len(theirs)}")
+        # two multi-tensor kernels for all parameters instead of two small kernels per parameter
+        torch._foreach_mul_(mine, rate)
+        torch._foreach_add_(mine, theirs, alpha=1.0 - rate)
         if self.norm == "running":
-            for mine, theirs in zip(self.model.buffers(), student.buffers(), strict=True):
-                mine.copy_(theirs)
+            torch._foreach_copy_(list(self.model.buffers()), list(student.buffers()))
 
     def forward(self, *args: torch.Tensor) -> dict:  # noqa: D102
         return self.model(*args)
