@@ -171,12 +171,20 @@ class RunSettings:
         precision: ``fp32``; ``bf16`` autocast (A100/H100, and CPU); ``fp16`` autocast with a dynamic
             loss scale (GradScaler), the V100 path: V100 has no bf16. Overflowing fp16 steps are
             skipped and counted (``overflow_steps`` in the history), not fatal.
+        compile: ``torch.compile`` the student's and the teacher's forward passes (one graph each: the
+            models have no data-dependent shapes). The first steps pay the compilation (tens of seconds).
+        compile_backend: ``inductor`` (generated kernels); ``aot_eager`` traces forward and backward
+            without generating code (to check a model compiles, quickly).
+        channels_last: convolutions in NHWC memory format (faster on tensor-core GPUs).
     """
 
     output_dir: str = "runs/train"
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"
+    compile: bool = False
+    compile_backend: str = "inductor"
+    channels_last: bool = False
 
 
 @dataclass
@@ -384,6 +392,11 @@ def validate(config: RunConfig) -> None:
             f"dist.zero_stage: expected 1 or 2, found {config.dist.zero_stage!r} "
             "(stage 3 partitions the weights, which the EMA teacher reads every step)"
         )
+    backend = config.run.compile_backend
+    if backend not in ("inductor", "aot_eager", "eager"):
+        raise ConfigError(f"run.compile_backend: expected inductor, aot_eager or eager, found {backend!r}")
+    if config.run.compile and config.dist.engine == "deepspeed":
+        raise ConfigError("run.compile: not with dist.engine=deepspeed (its engine wraps the model); use ddp")
     if config.run.device not in ("auto", "cpu", "cuda") and not config.run.device.startswith("cuda:"):
         raise ConfigError(f"run.device: expected auto, cpu or cuda[:N], found {config.run.device!r}")
 

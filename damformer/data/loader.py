@@ -187,6 +187,7 @@ class LoaderOptions:
         on_error: ``raise`` on a corrupt shard or sample, or ``skip`` it (logged and counted).
         verify: check each shard's size and sha256 against the manifest before reading it: ``first``
             (the first epoch this process reads; about one more read of the data), ``always`` or ``never``.
+        pin_memory: batches in page-locked memory, so copies to a GPU (``non_blocking``) overlap compute.
     """
 
     batch_size: int = 2
@@ -196,6 +197,7 @@ class LoaderOptions:
     pad: bool = True
     on_error: Literal["raise", "skip"] = "raise"
     verify: Literal["first", "always", "never"] = "first"
+    pin_memory: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.shuffle_buffer < 1:
@@ -434,6 +436,7 @@ class ShardLoader:
             persistent_workers=False,
             generator=torch.Generator().manual_seed(self.options.seed),
             worker_init_fn=_ignore_interrupts if self.num_workers else None,
+            pin_memory=self.options.pin_memory,
         )
         for batch in loader:
             self.skipped += batch.pop("num_skipped", 0)

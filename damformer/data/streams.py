@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import torch
 
 from damformer.data.augment import GeometricAugment, training_sample
 from damformer.data.collate import collate_samples
@@ -102,8 +103,10 @@ class RareClassStream:
         world_size: int = 1,
         verify: str = "first",
         on_error: str = "raise",
+        pin_memory: bool = False,
     ) -> None:
         self.index = ShardIndex(shard_set, verify=verify != "never", on_error=on_error)
+        self.pin_memory = pin_memory
         keys = set(self.index.files)  # without the shards skipped as corrupt (on_error="skip")
         counts = {
             key: entry["class_pixels"]
@@ -128,7 +131,10 @@ class RareClassStream:
                 sample = self.augment(sample, np.random.default_rng([self.seed, draw, 43]))
             samples.append(sample)
         self.draws += self.batch_size * self.world_size
-        return collate_samples(samples)
+        batch = collate_samples(samples)
+        if self.pin_memory:  # page-locked: the copy to the GPU overlaps compute (non_blocking)
+            batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return batch
 
     def state_dict(self) -> dict[str, Any]:  # noqa: D102
         return {"draws": self.draws, "seed": self.seed, "batch_size": self.batch_size}
@@ -149,6 +155,7 @@ def endless_loader(
     world_size: int = 1,
     verify: str = "first",
     on_error: str = "raise",
+    pin_memory: bool = False,
 ) -> EndlessLoader:
     """An endless, padded, seeded shard stream for one rank."""
     options = LoaderOptions(
@@ -159,6 +166,7 @@ def endless_loader(
         pad=True,
         verify=verify,  # type: ignore[arg-type]
         on_error=on_error,  # type: ignore[arg-type]
+        pin_memory=pin_memory,
     )
     return EndlessLoader(
         ShardLoader(shard_set, options, rank=rank, world_size=world_size, num_workers=num_workers)

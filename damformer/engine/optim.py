@@ -65,8 +65,9 @@ def build_optimizer(
     head_lr_mult: float = 10.0,
     temporal_lr_mult: float = 10.0,
     betas: tuple[float, float] = (0.9, 0.999),
+    fused: bool = False,
 ) -> torch.optim.AdamW:
-    """AdamW over :func:`parameter_groups`."""
+    """AdamW over :func:`parameter_groups` (``fused``: one CUDA kernel per step for all parameters)."""
     groups = parameter_groups(
         model,
         lr=lr,
@@ -74,6 +75,8 @@ def build_optimizer(
         head_lr_mult=head_lr_mult,
         temporal_lr_mult=temporal_lr_mult,
     )
+    if fused:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
 
 

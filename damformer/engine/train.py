@@ -161,6 +161,8 @@ class Trainer:
         if config.dist.sync_bn and self.dist.enabled:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(self.device)
+        if config.run.channels_last:
+            self.model.to(memory_format=torch.channels_last)  # the teacher, a copy, inherits it
         if self.dist.enabled:
             torch.manual_seed(config.run.seed + 1_000_003 * rank)  # dropout / drop-path differ per rank
         self.uda = SelfTraining(self.model, config.uda, seed=config.run.seed + 7919 * rank).to_device(
@@ -178,6 +180,8 @@ class Trainer:
                 find_unused_parameters=unused,
             )
             self.uda.use_student_forward(self.ddp)
+        if config.run.compile:
+            self.uda.compile(config.run.compile_backend)
         optim = config.optim
         self.optimizer = build_optimizer(
             self.model,
@@ -185,6 +189,7 @@ class Trainer:
             weight_decay=optim.weight_decay,
             head_lr_mult=optim.head_lr_mult,
             temporal_lr_mult=optim.temporal_lr_mult,
+            fused=self.device.type == "cuda",  # one kernel for every parameter's update
         )
         self.ds: Any = None  # the DeepSpeed engine (dist.engine=deepspeed on several processes)
         if self.engine_name == "deepspeed":
@@ -209,6 +214,7 @@ class Trainer:
                 world_size=world,
                 verify=data.verify_shards,
                 on_error=data.on_error,
+                pin_memory=self.device.type == "cuda",
             )
         else:
             self.source = endless_loader(
@@ -222,6 +228,7 @@ class Trainer:
                 world_size=world,
                 verify=data.verify_shards,
                 on_error=data.on_error,
+                pin_memory=self.device.type == "cuda",
             )
         self.target = None
         if self.target_set is not None:
@@ -236,6 +243,7 @@ class Trainer:
                 world_size=world,
                 verify=data.verify_shards,
                 on_error=data.on_error,
+                pin_memory=self.device.type == "cuda",
             )
         self.iteration = 0
         self.overflow_steps = 0

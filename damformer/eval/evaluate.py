@@ -61,7 +61,13 @@ def evaluate(
     matrix = ConfusionMatrix(num_classes)
     loader = ShardLoader(
         shard_set,
-        LoaderOptions(batch_size=batch_size, augment=False, pad=False, shuffle_buffer=1),
+        LoaderOptions(
+            batch_size=batch_size,
+            augment=False,
+            pad=False,
+            shuffle_buffer=1,
+            pin_memory=device.type == "cuda",
+        ),
         rank=rank,
         world_size=world_size,
     )

@@ -18,25 +18,40 @@ IGNORE_INDEX = 255
 
 
 class ConfusionMatrix:
-    """Accumulates a (classes x classes) matrix: rows are labels, columns predictions."""
+    """Accumulates a (classes x classes) matrix (rows: labels, columns: predictions) on the batches' device.
+
+    Nothing is copied to the host per batch: an out-of-range label is counted in a spare bin and
+    reported once, when the matrix is read (:attr:`matrix`).
+    """
 
     def __init__(self, num_classes: int, *, ignore_index: int = IGNORE_INDEX) -> None:
         self.num_classes, self.ignore_index = num_classes, ignore_index
-        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        self._counts: torch.Tensor | None = None  # (classes^2 + 1,): the last bin holds bad labels
 
     def update(self, predictions: torch.Tensor, labels: torch.Tensor) -> None:
         """Add a batch of (B, H, W) predictions and labels (any integer dtype, any device)."""
-        labels = labels.reshape(-1).long().cpu()
-        predictions = predictions.reshape(-1).long().cpu()
+        k = self.num_classes
+        labels = labels.reshape(-1).long()
+        predictions = predictions.reshape(-1).long().to(labels.device)
         keep = labels != self.ignore_index
-        if (labels[keep] >= self.num_classes).any() or (labels[keep] < 0).any():
-            raise ValueError(f"labels: expected 0..{self.num_classes - 1} or {self.ignore_index}")
-        index = labels[keep] * self.num_classes + predictions[keep]
-        self.matrix += torch.bincount(index, minlength=self.num_classes**2).reshape(self.num_classes, -1)
+        valid = keep & (labels >= 0) & (labels < k)
+        index = torch.where(valid, labels * k + predictions, k * k)  # bad labels: the spare bin
+        counts = torch.bincount(index[keep], minlength=k * k + 1)
+        self._counts = counts if self._counts is None else self._counts + counts.to(self._counts.device)
 
-    def merge(self, other: torch.Tensor) -> None:
-        """Add another matrix (e.g. summed over ranks)."""
-        self.matrix += other.to(self.matrix)
+    @property
+    def matrix(self) -> torch.Tensor:
+        """The (classes, classes) int64 matrix, on the device of the batches.
+
+        Raises:
+            ValueError: a label outside 0..classes - 1 (other than the ignore index) was seen.
+        """
+        k = self.num_classes
+        if self._counts is None:
+            return torch.zeros(k, k, dtype=torch.int64)
+        if int(self._counts[k * k]):  # read once, when the scores are computed
+            raise ValueError(f"labels: expected 0..{k - 1} or {self.ignore_index}")
+        return self._counts[: k * k].reshape(k, k)
 
 
 @dataclass(frozen=True)
@@ -84,6 +99,8 @@ class SegmentationScores:
 
 def scores(matrix: torch.Tensor | np.ndarray) -> SegmentationScores:
     """IoU = TP / (TP + FP + FN) per class from a confusion matrix."""
+    if isinstance(matrix, torch.Tensor):
+        matrix = matrix.cpu().numpy()
     m = np.asarray(matrix, dtype=np.float64)
     tp = np.diag(m)
     union = m.sum(axis=0) + m.sum(axis=1) - tp

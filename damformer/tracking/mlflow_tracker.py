@@ -165,6 +165,8 @@ class Tracker:
 
     def log_params(self, params: Mapping[str, str]) -> None:
         """Log params not logged yet (a resumed run keeps its first values)."""
+        if self.client is None:  # off: not even an import (mlflow may be missing, as on GPU nodes)
+            return
         from mlflow.entities import Param
 
         def action() -> None:
@@ -177,6 +179,8 @@ class Tracker:
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Set (or overwrite) tags."""
+        if self.client is None:
+            return
         from mlflow.entities import RunTag
 
         def action() -> None:
@@ -187,6 +191,8 @@ class Tracker:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Log finite metric values at ``step`` (the iteration)."""
+        if self.client is None:
+            return
         import math
         import time
 

@@ -111,6 +111,12 @@ class SelfTraining(nn.Module):
         self.use_student_forward(student)
         self.autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext
 
+    def compile(self, backend: str = "inductor") -> None:
+        """``torch.compile`` the student's forward (as wrapped, e.g. by DDP) and the teacher's."""
+        self.use_student_forward(torch.compile(self.student_forward, backend=backend))
+        if self.teacher is not None:
+            self.teacher.compile_forward(backend)
+
     def use_student_forward(self, module: nn.Module) -> None:
         """Run the student's forward passes through ``module`` (the student itself, or its DDP wrapper)."""
         object.__setattr__(self, "student_forward", module)  # bypasses submodule registration

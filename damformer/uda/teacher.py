@@ -74,8 +74,14 @@ class EMATeacher(nn.Module):
         if self.norm == "running":
             torch._foreach_copy_(list(self.model.buffers()), list(student.buffers()))
 
+    def compile_forward(self, backend: str = "inductor") -> None:
+        """Run the teacher's forward through ``torch.compile`` (its weights change in place: no recompile)."""
+        compiled = torch.compile(self.model, backend=backend)
+        object.__setattr__(self, "_forward", compiled)  # not a submodule: the state_dict stays the same
+
     def forward(self, *args: torch.Tensor) -> dict:  # noqa: D102
-        return self.model(*args)
+        forward = self.__dict__.get("_forward")
+        return forward(*args) if forward is not None else self.model(*args)
 
 
 EnsembleForm = Literal["released", "normalised"]
