@@ -34,6 +34,7 @@ from common import (
     add_common_arguments,
     child_peak_bytes,
     count_flops,
+    gpu_busy_fraction,
     gpu_peak_tflops,
     interleaved_seconds,
     machine_description,
@@ -82,14 +83,14 @@ def step_factory(uda: bool, args: argparse.Namespace, device: torch.device) -> S
         model = model.to(device)
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        trainer = SelfTraining(model, UDAConfig(enabled=uda), seed=0).to(device)
+        trainer = SelfTraining(model, UDAConfig(enabled=uda), seed=0).to_device(device)
         if args.compile:
-            trainer.use_student_forward(torch.compile(model))
+            trainer.compile()  # the student's and the teacher's forward, as run.compile does
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
         if dtype is not None:
             trainer.autocast = lambda: torch.autocast(device.type, dtype=dtype)
         scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
-        optimizer = build_optimizer(model)
+        optimizer = build_optimizer(model, fused=device.type == "cuda")
         source = synthetic_batch(args.batch, args.size, args.dates, device, seed=1)
         target = synthetic_batch(args.batch, args.size, args.dates, device, seed=2) if uda else None
         if target is not None:
@@ -130,7 +131,14 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--channels-last", action="store_true", help="channels_last weights (convs follow)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the student's forward")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="minutes, not tens: peak memory measured in this process (not fresh children), 2 rounds",
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.rounds = min(args.rounds, 2)
     device = setup(args)
     args.backbone = args.backbone or ("mit_b4" if device.type == "cuda" else "mit_b0")
     cases = {"supervised": step_factory(False, args, device), "uda": step_factory(True, args, device)}
@@ -149,12 +157,27 @@ def main() -> None:
         f"machine: {machine_description(device)}; DAM-Former {args.backbone}, "
         f"batch {args.batch} + {args.batch}, {args.size} px, T={args.dates}; {variant}"
     )
+    if args.compile:  # FLOPs of the same iteration, counted on an eager copy (the counter needs eager)
+        eager = argparse.Namespace(**{**vars(args), "compile": False})
+        flops = count_flops(step_factory(True, eager, device)())
     steps = {name: factory() for name, factory in cases.items()}
-    flops = count_flops(steps["uda"]) if not args.compile else None
+    if not args.compile:
+        flops = count_flops(steps["uda"])
     seconds = interleaved_seconds(steps, device, rounds=args.rounds, warmup=2 if args.compile else 1)
-    del steps
-    extra = _child_args(args)
-    peaks = {name: child_peak_bytes(__file__, name, args, extra) for name in cases}
+    busy = gpu_busy_fraction(steps["uda"]) if device.type == "cuda" else None
+    if args.quick and device.type == "cuda":  # peak of the last iterations in this process
+        peaks = {}
+        for name, step in steps.items():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            torch.cuda.synchronize()
+            peaks[name] = torch.cuda.max_memory_allocated(device)
+        del steps
+    else:
+        del steps
+        extra = _child_args(args)
+        peaks = {name: child_peak_bytes(__file__, name, args, extra) for name in cases}
     ratio = seconds["uda"] / seconds["supervised"]
     rows = []
     for name in cases:
@@ -180,6 +203,10 @@ def main() -> None:
         "peak_bytes": peaks,
         "uda_over_supervised": ratio,
     }
+    if busy is not None:
+        print(f"GPU busy: {busy:.0%} of the UDA iteration's wall time (torch.profiler, kernels / wall)")
+        result["gpu_busy"] = busy
+    result["ms_per_iteration"] = {name: 1e3 * value for name, value in seconds.items()}
     if flops is not None:
         achieved = flops / seconds["uda"] / 1e12
         line = f"UDA iteration: {flops / 1e9:.0f} GFLOP, {achieved:.3f} TFLOP/s achieved"

@@ -147,6 +147,40 @@ def count_flops(step: Step) -> int:
     return counter.get_total_flops()
 
 
+def gpu_busy_fraction(step: Step, *, iterations: int = 5) -> float:
+    """Share of the wall time during which the GPU runs a kernel, over ``iterations`` calls.
+
+    torch.profiler's CUDA kernel intervals are merged (streams may overlap) and divided by the wall
+    time between two synchronisations: 1.0 means the host never kept the GPU waiting.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    step()  # warm: allocations, autotuning, compilation
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(iterations):
+            step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    intervals = sorted(
+        (event.time_range.start, event.time_range.end)
+        for event in prof.events()
+        if event.device_type == torch.autograd.DeviceType.CUDA
+    )
+    busy, current_start, current_end = 0.0, None, None
+    for begin, end in intervals:  # microseconds
+        if current_end is None or begin > current_end:
+            if current_end is not None:
+                busy += current_end - current_start
+            current_start, current_end = begin, end
+        else:
+            current_end = max(current_end, end)
+    if current_end is not None:
+        busy += current_end - current_start
+    return min(1.0, busy / 1e6 / wall)
+
+
 def gpu_peak_tflops(device: torch.device, precision: str) -> float | None:
     """The datasheet peak of this GPU for ``precision`` (None where the GPU or dtype is not listed)."""
     if device.type != "cuda":

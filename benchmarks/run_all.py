@@ -148,6 +148,42 @@ def summary_rows(results: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+# --quick on a GPU (issue 20's targets): DAM-Former MiT-b5, 512 px, T = 12, one UDA iteration per
+# precision at batch 8 + 8, and the GPU's busy share at DAFormer's batch 2 + 2.
+QUICK_MODEL = ["--device", "cuda", "--backbone", "mit_b5", "--size", "512", "--dates", "12", "--quick"]
+QUICK_VARIANTS = {
+    "fp32, batch 8": ["--batch", "8", "--precision", "fp32"],
+    "fp16, batch 8": ["--batch", "8", "--precision", "fp16"],
+    "bf16, batch 8": ["--batch", "8", "--precision", "bf16"],
+    "bf16 compiled, batch 8": ["--batch", "8", "--precision", "bf16", "--compile"],
+    "bf16, batch 2 (DAFormer's)": ["--batch", "2", "--precision", "bf16"],
+}
+
+
+def quick_gpu(out: Path) -> list[str]:
+    """The --quick GPU suite; prints one table. Returns the variants that failed."""
+    rows, failed = [], []
+    for index, (label, extra) in enumerate(QUICK_VARIANTS.items()):
+        result = run(f"quick-{index}", "bench_uda.py", [*QUICK_MODEL, *extra], out)
+        if result is None:
+            failed.append(label)
+            continue
+        ms = result["ms_per_iteration"]
+        peak = result["peak_bytes"]["uda"] / 2**30
+        rows.append(
+            [label, f"{ms['uda']:.0f}", f"{ms['supervised']:.0f}", f"{result['uda_over_supervised']:.2f}x",
+             f"{result.get('mfu', float('nan')):.1%}", f"{result.get('gpu_busy', float('nan')):.0%}",
+             f"{peak:.1f}"]
+        )  # fmt: skip
+    print_table(
+        "DAM-Former MiT-b5, 512 px, T=12, one UDA iteration (targets: MFU >= 25% bf16 batch 8, UDA / "
+        "supervised <= 2.4x, GPU busy >= 90% at batch 2)",
+        ["variant", "UDA ms", "sup. ms", "UDA/sup", "MFU", "GPU busy", "peak GiB"],
+        rows,
+    )
+    return failed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -155,8 +191,23 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=list(SUITE), help="run only these benchmarks")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", type=Path, help="keep the JSON results in this folder")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="with --device cuda: only the UDA iteration per precision (fp32, fp16, bf16, compiled bf16) "
+        "and the busy share at batch 2, in minutes",
+    )
     args = parser.parse_args()
     started = time.perf_counter()
+    if args.quick:
+        if args.device != "cuda":
+            parser.error("--quick measures GPU figures: use it with --device cuda")
+        with tempfile.TemporaryDirectory() as tmp:
+            failed = quick_gpu(args.out or Path(tmp))
+        print(f"\n--quick took {time.perf_counter() - started:.0f} s")
+        if failed:
+            sys.exit(f"variants that failed: {', '.join(failed)} (their output is above)")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
