@@ -10,6 +10,7 @@ is a :class:`ConfigError` naming the key. The merged config is written into the 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import types
 import typing
@@ -19,12 +20,10 @@ from typing import Any
 
 import yaml
 
-from damformer.errors import DamformerError
+from damformer.errors import ConfigError, DamformerError
 from damformer.models.factory import ModelConfig, is_none
 
-
-class ConfigError(DamformerError):
-    """A configuration key is unknown, of the wrong type, or has a bad value."""
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -441,6 +440,12 @@ def _validate_pretrained(model: ModelConfig) -> None:
             "on purpose"
         )
     if is_none(model.pretrained):
+        if model.mit_size not in ("mit_b0", "mit_b1"):
+            log.warning(
+                "model.pretrained=none: the %s encoder trains from random weights; DAFormer's recipe "
+                "(lr 6e-5, 40k iterations) assumes ImageNet weights, so expect a much weaker model",
+                model.mit_size,
+            )
         return
     path = Path(model.pretrained)
     if not path.exists():
@@ -472,8 +477,9 @@ def _validate_ranges(config: RunConfig) -> None:
 
 # What --resume may change: the schedule's end, evaluation, logging, where the data and the run live,
 # and the device. Anything else would continue a run with a mix of two experiments' settings.
-RESUMABLE = ("optim.max_iters", "eval.", "log.", "data.source", "data.target", "data.target_test",
-             "run.output_dir", "run.device")  # fmt: skip
+# optim.grad_accum: on resume it follows from the checkpoint's global batch (engine/data.py).
+RESUMABLE = ("optim.max_iters", "optim.grad_accum", "eval.", "log.", "data.source", "data.target",
+             "data.target_test", "run.output_dir", "run.device")  # fmt: skip
 
 
 def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -529,6 +535,6 @@ def check_resume(saved: dict[str, Any], current: RunConfig, *, where: Path) -> N
 
 def dump_config(config: RunConfig, path: Path) -> None:
     """Write the merged config as YAML (atomically)."""
-    from damformer.data.shard_io import atomic_write_bytes
+    from damformer.atomic import atomic_write_bytes
 
     atomic_write_bytes(path, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())

@@ -30,6 +30,10 @@ class NoClearDateError(DataFormatError):
     """Every Sentinel-2 date of a patch is cloudy or snowy and the policy says not to keep one."""
 
 
+class ConfigError(DamformerError):
+    """A configuration key is unknown, of the wrong type, or has a bad value, or does not fit the data."""
+
+
 class OutputExistsError(DamformerError):
     """An output path exists and overwriting was not requested."""
 

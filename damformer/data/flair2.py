@@ -198,7 +198,8 @@ class Flair2Dataset:
 
     @staticmethod
     def _read_label(path: Path | None, size: tuple[int, ...], crs: str, transform: Affine) -> np.ndarray:
-        assert path is not None  # discover() resolved it because with_labels is set
+        if path is None:  # discover() resolves every label path when with_labels is set
+            raise DataFormatError("internal: a label was read for a dataset opened without labels")
         array, label_crs, label_transform = _read_geotiff(path, what="label", bands=1)
         if array.shape[1:] != size:
             raise DataFormatError(

@@ -31,10 +31,6 @@ class RawTreeDataset(Dataset):
         self.seed = seed
         self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Change the augmentation draws for a new epoch."""
-        self.epoch = epoch
-
     def __len__(self) -> int:
         return len(self.dataset)
 

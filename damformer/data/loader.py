@@ -40,7 +40,7 @@ from damformer.data.flair2 import Flair2Sample
 from damformer.data.manifest import load_manifest
 from damformer.data.shard_format import ShardFormatError, decode_sample
 from damformer.data.shard_io import Encoded, iter_tar_samples, sha256_file
-from damformer.errors import DamformerError
+from damformer.errors import ConfigError, DamformerError
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,34 @@ class ShardSet:
     def num_samples(self) -> int:
         """Number of samples over all selected shards."""
         return sum(len(s.keys) for s in self.shards)
+
+    def check_fits(self, model: Any, *, role: str, labels: bool, folders: Sequence[Path | str]) -> None:
+        """Refuse (before any compute) a shard set whose classes, labels or Sentinel-2 a model cannot use.
+
+        Args:
+            model: the :class:`damformer.models.factory.ModelConfig`.
+            role: how the caller names this set in messages (``data.source``, ``--shards``).
+            labels: whether the set must be labelled (training sources, evaluation).
+            folders: the set's folders, in the order of its manifests.
+
+        Raises:
+            ConfigError: naming the folder, what the model needs and what the shards hold.
+        """
+        for folder, manifest in zip(folders, self.manifests, strict=True):
+            params = manifest["params"]
+            classes = len(manifest["class_pixels"]) or None
+            if classes is not None and classes != model.num_classes:
+                raise ConfigError(
+                    f"{role}: {folder} holds {classes} classes, model.num_classes is {model.num_classes}"
+                )
+            if labels and not params["with_labels"]:
+                raise ConfigError(
+                    f"{role}: {folder} was sharded without labels (--no-labels): this needs a labelled set"
+                )
+            if model.temporal and not params["with_s2"]:
+                raise ConfigError(
+                    f"{role}: {folder} has no Sentinel-2 (--no-s2) but the model is +T (model.temporal)"
+                )
 
     def sample(self, key: str) -> Flair2Sample:
         """Decode the sample ``key`` (a patch id) from the shard that holds it."""
@@ -370,7 +398,7 @@ def _delivered(start_batch: int, role: int, num_workers: int) -> int:
     return max(0, (start_batch - role + num_workers - 1) // num_workers)
 
 
-def _ignore_interrupts(_worker_id: int) -> None:
+def ignore_interrupts(_worker_id: int) -> None:
     """Worker processes leave Ctrl-C to the main process.
 
     Ctrl-C reaches every process of the terminal's foreground group. The trainer treats it as a stop
@@ -435,7 +463,7 @@ class ShardLoader:
             num_workers=self.num_workers,
             persistent_workers=False,
             generator=torch.Generator().manual_seed(self.options.seed),
-            worker_init_fn=_ignore_interrupts if self.num_workers else None,
+            worker_init_fn=ignore_interrupts if self.num_workers else None,
             pin_memory=self.options.pin_memory,
         )
         for batch in loader:

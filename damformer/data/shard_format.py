@@ -21,7 +21,6 @@ import io
 import json
 import re
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 from affine import Affine
@@ -197,8 +196,3 @@ def decode_sample(files: Mapping[str, bytes], *, key: str, shard: str, masks: bo
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ShardFormatError(f"{where}: meta.json lacks or mangles a field: {exc!r}") from None
-
-
-def sample_meta(files: Mapping[str, bytes]) -> dict[str, Any]:
-    """The parsed meta.json of an encoded sample (for statistics without decoding arrays)."""
-    return json.loads(bytes(files["meta.json"]))

@@ -24,10 +24,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from damformer.atomic import atomic_path, atomic_write_bytes
 from damformer.data.flair2 import Flair2Dataset
 from damformer.data.manifest import MANIFEST_NAME, ShardStats, build_manifest, load_manifest
 from damformer.data.shard_format import FORMAT_VERSION, ShardFormatError, decode_sample, encode_sample
-from damformer.data.shard_io import atomic_write_bytes, iter_tar_samples, sha256_file, write_tar
+from damformer.data.shard_io import iter_tar_samples, sha256_file, write_tar
 from damformer.errors import DamformerError, OutputExistsError
 from damformer.progress import progress
 
@@ -149,12 +150,12 @@ def _init_worker(dataset: Flair2Dataset) -> None:
 def _write_shard(args: tuple[Path, ShardJob, str]) -> dict[str, Any]:
     out, job, fingerprint = args
     dataset = _WORKER_DATASET
-    assert dataset is not None
+    if dataset is None:  # _init_worker sets it in every process before the first shard
+        raise RuntimeError("internal: a shard worker started without its dataset")
     record = _complete_record(out, job, fingerprint)
     if record is not None:
         return record | {"skipped": True}
     tar = out / job.name
-    tmp = out / f".{job.name}.tmp-{multiprocessing.current_process().pid}"
     stats = ShardStats()
 
     def samples():  # noqa: ANN202
@@ -164,22 +165,19 @@ def _write_shard(args: tuple[Path, ShardJob, str]) -> dict[str, Any]:
             yield sample.patch_id, encode_sample(sample)
 
     try:
-        try:
+        with atomic_path(tar) as tmp:  # a killed or failing write never leaves a partial shard
             write_tar(tmp, samples())
-        except OSError as exc:  # disk full, quota, permissions: nothing of this shard stays
-            raise _write_failed(tar, exc) from None
-        record = {
-            "name": job.name,
-            "domain": job.domain,
-            "num_samples": len(job.indices),
-            "bytes": tmp.stat().st_size,
-            "sha256": sha256_file(tmp),
-            "fingerprint": fingerprint,
-            "stats": asdict(stats),
-        }
-        tmp.replace(tar)
-    finally:
-        tmp.unlink(missing_ok=True)
+            record = {
+                "name": job.name,
+                "domain": job.domain,
+                "num_samples": len(job.indices),
+                "bytes": tmp.stat().st_size,
+                "sha256": sha256_file(tmp),
+                "fingerprint": fingerprint,
+                "stats": asdict(stats),
+            }
+    except OSError as exc:  # disk full, quota, permissions: nothing of this shard stays
+        raise _write_failed(tar, exc) from None
     try:
         atomic_write_bytes(out / f"{job.name}.json", json.dumps(record).encode())
     except OSError as exc:

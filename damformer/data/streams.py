@@ -1,10 +1,14 @@
-"""Endless, resumable batch streams for training.
+"""Endless, resumable training streams, positioned in global samples (not per rank).
 
-An endless loader runs epoch after epoch; the rare-class-sampled source stream reads shard samples by
-key.
+* :class:`EpochStream`: every epoch a seeded permutation of all samples, the epochs one after another;
+* :class:`RareClassStream`: rare class sampling (draws with replacement).
 
-Both hold a small ``state_dict`` (a cursor) so a resumed run draws exactly the batches an uninterrupted
-run would have drawn.
+Both are one global sequence (of samples, or of draws). A global step takes ``batch_size x world
+size`` consecutive items of it and rank r takes the r-th slice, the same items one process takes in
+its r-th gradient-accumulation micro-batch. The cursor (``state_dict``) counts global items, the same
+on every rank: a run resumed on another number of processes continues the same sequence, and no
+sample of an epoch is seen twice or skipped. Flips and rotations are seeded by (seed, global index).
+Samples are read by key from the memory-mapped shards (:class:`ShardIndex`).
 """
 
 from __future__ import annotations
@@ -15,41 +19,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from damformer.data.augment import GeometricAugment, training_sample
 from damformer.data.collate import collate_samples
-from damformer.data.loader import LoaderOptions, ShardLoader, ShardSet
+from damformer.data.loader import ShardSet, ignore_interrupts
 from damformer.data.rcs import RareClassSampler
 from damformer.data.shard_format import ShardFormatError, decode_sample
 from damformer.data.shard_io import Encoded, iter_tar_samples
+from damformer.errors import DamformerError
 
 log = logging.getLogger(__name__)
-
-
-class EndlessLoader:
-    """A :class:`ShardLoader` that starts the next epoch when one ends."""
-
-    def __init__(self, loader: ShardLoader) -> None:
-        self.loader = loader
-        self._iterator: Iterator[dict[str, Any]] | None = None
-
-    def next(self) -> dict[str, Any]:
-        """The next batch."""
-        for _ in range(2):  # at most one epoch boundary per call
-            if self._iterator is None:
-                self._iterator = iter(self.loader)
-            try:
-                return next(self._iterator)
-            except StopIteration:
-                self._iterator = None
-        raise RuntimeError("the shard set yields no batch")
-
-    def state_dict(self) -> dict[str, Any]:  # noqa: D102
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
-        self.loader.load_state_dict(state)
-        self._iterator = None
 
 
 class ShardIndex:
@@ -143,31 +123,123 @@ class RareClassStream:
         self.draws = int(state["draws"])
 
 
-def endless_loader(
-    shard_set: ShardSet,
-    *,
-    batch_size: int,
-    seed: int,
-    shuffle_buffer: int,
-    augment: bool,
-    num_workers: int,
-    rank: int = 0,
-    world_size: int = 1,
-    verify: str = "first",
-    on_error: str = "raise",
-    pin_memory: bool = False,
-) -> EndlessLoader:
-    """An endless, padded, seeded shard stream for one rank."""
-    options = LoaderOptions(
-        batch_size=batch_size,
-        shuffle_buffer=shuffle_buffer,
-        seed=seed,
-        augment=augment,
-        pad=True,
-        verify=verify,  # type: ignore[arg-type]
-        on_error=on_error,  # type: ignore[arg-type]
-        pin_memory=pin_memory,
-    )
-    return EndlessLoader(
-        ShardLoader(shard_set, options, rank=rank, world_size=world_size, num_workers=num_workers)
-    )
+class _Samples(Dataset):
+    """Map-style access to a global sample sequence: item g is the (g mod N)-th sample of epoch g // N.
+
+    The shard index is opened lazily in each process (a DataLoader worker cannot receive memory maps).
+    """
+
+    def __init__(self, shard_set: ShardSet, keys: list[str], *, seed: int, augment: bool) -> None:
+        self.shard_set, self.keys, self.seed = shard_set, keys, seed
+        self.augment = GeometricAugment() if augment else None
+        self.index: ShardIndex | None = None
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The permutation of epoch ``epoch`` (the same in every process)."""
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch, 11]).permutation(len(self.keys)))
+        return self._order[1]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        if self.index is None:  # verified by the main process already
+            self.index = ShardIndex(self.shard_set, verify=False, on_error="skip")
+        epoch, offset = divmod(position, len(self.keys))
+        sample = self.index.sample(self.keys[int(self.order(epoch)[offset])])
+        if self.augment is not None:
+            sample = self.augment(sample, np.random.default_rng([self.seed, position, 43]))
+        return sample
+
+
+def _rank_slices(start: int, batch_size: int, rank: int, world_size: int) -> Iterator[list[int]]:
+    """Global positions of this rank's batches from ``start`` on (endless)."""
+    while True:
+        first = start + rank * batch_size
+        yield list(range(first, first + batch_size))
+        start += batch_size * world_size
+
+
+class EpochStream:
+    """Training batches of one rank from the global sequence of epochs (see the module docstring).
+
+    Args:
+        shard_set: the shards; each is checked against its manifest here unless ``verify="never"``.
+        batch_size: samples per batch of this rank.
+        seed: the epochs' permutations and the augmentations are functions of it.
+        augment: random flips / rot90 (aerial, label and every Sentinel-2 date alike).
+        rank, world_size: this process among the data-parallel ranks.
+        num_workers: DataLoader worker processes decoding ahead (0: in this process).
+        pin_memory: page-locked batches (non-blocking copies to a GPU).
+        on_error: a corrupt shard is ``raise`` (named) or ``skip`` (left out, with a warning).
+    """
+
+    VERSION = 2
+
+    def __init__(
+        self,
+        shard_set: ShardSet,
+        *,
+        batch_size: int,
+        seed: int,
+        augment: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        verify: str = "first",
+        on_error: str = "raise",
+    ) -> None:
+        index = ShardIndex(shard_set, verify=verify != "never", on_error=on_error)
+        self.samples = _Samples(shard_set, list(index.files), seed=seed, augment=augment)
+        if not self.samples.keys:
+            raise DamformerError(f"{shard_set.shards[0].path.parent}: no readable sample to train on")
+        if num_workers == 0:
+            self.samples.index = index
+        self.batch_size, self.seed = batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.position = 0  # global samples consumed, by all ranks together
+        self._batches: Iterator[dict[str, Any]] | None = None
+
+    def next(self) -> dict[str, Any]:
+        """This rank's next batch."""
+        if self._batches is None:  # (re)start the loader at the position: after a resume too
+            self._batches = iter(
+                DataLoader(
+                    self.samples,
+                    batch_sampler=_rank_slices(self.position, self.batch_size, self.rank, self.world_size),
+                    num_workers=self.num_workers,
+                    collate_fn=collate_samples,
+                    pin_memory=self.pin_memory,
+                    worker_init_fn=ignore_interrupts if self.num_workers else None,
+                    # a private generator: otherwise starting the loader draws its base seed from the
+                    # global RNG (dropout's), at another moment in a resumed run than in an uninterrupted one
+                    generator=torch.Generator().manual_seed(self.seed),
+                )
+            )
+        batch = next(self._batches)
+        self.position += self.batch_size * self.world_size
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {"version": self.VERSION, "position": self.position, "seed": self.seed,
+                "samples": len(self.samples), "batch_size": self.batch_size}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at a saved position (whatever the number of ranks that saved it)."""
+        if state.get("version") != self.VERSION:
+            raise DamformerError(
+                f"training stream state: format {state.get('version')}, expected {self.VERSION} (a "
+                "checkpoint of an older damformer: start a new run)"
+            )
+        for key in ("seed", "samples", "batch_size"):
+            if state[key] != self.state_dict()[key]:
+                raise DamformerError(
+                    f"training stream state: saved with {key}={state[key]}, this run has "
+                    f"{key}={self.state_dict()[key]}: the same sequence needs the same value"
+                )
+        self.position = int(state["position"])
+        self._batches = None

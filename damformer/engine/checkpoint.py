@@ -18,14 +18,17 @@ What protects it:
 
 from __future__ import annotations
 
-import os
+import logging
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from damformer.errors import DamformerError
+from damformer.atomic import atomic_path
+from damformer.errors import ConfigError, DamformerError
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -42,14 +45,9 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     Raises:
         CheckpointError: the write failed (e.g. no space left); ``path`` still holds the previous one.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{TEMP_PREFIX}{path.name}.tmp-{os.getpid()}")
     try:
-        with tmp.open("wb") as handle:
-            torch.save({"format": CHECKPOINT_FORMAT, **state}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
     except (OSError, RuntimeError) as exc:  # torch wraps a failed write of its zip writer in RuntimeError
         if path.is_file():
             kept, then = "the previous checkpoint is kept", "then resume with --resume"
@@ -59,8 +57,6 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
             f"{path}: cannot write the checkpoint ({type(exc).__name__}: {exc}); {kept}. "
             f"Free space (or raise the quota) on that file system, {then}"
         ) from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def remove_stale_temporaries(folder: Path, name: str = CHECKPOINT_NAME) -> list[Path]:
@@ -136,3 +132,34 @@ def set_rng_state(state: dict[str, torch.Tensor], generator: torch.Generator) ->
     generator.set_state(state["uda"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def resume_point(output_dir: Path, resume: bool | str, *, clean: bool = True) -> Path | None:
+    """The checkpoint a run continues from, or None for a fresh start; refuses the ambiguous cases.
+
+    ``resume``: False starts a new run (an existing checkpoint is an error), True needs a checkpoint,
+    ``"auto"`` continues one when present. ``clean``: remove temporaries of a cut-off write (rank 0).
+
+    Raises:
+        ConfigError: --resume without a checkpoint, or a checkpoint without --resume.
+    """
+    checkpoint = output_dir / CHECKPOINT_NAME
+    if clean and output_dir.is_dir():
+        for stale in remove_stale_temporaries(output_dir):
+            log.warning("removed %s: a checkpoint write that was cut off (never read)", stale)
+    if resume and checkpoint.is_file():
+        return checkpoint
+    if resume == "auto":
+        log.info("no checkpoint in %s yet: starting fresh (--auto-resume)", output_dir)
+        return None
+    if resume:
+        raise ConfigError(
+            f"{checkpoint}: no checkpoint to resume from (the run never saved one, or this is another "
+            "folder); drop --resume to start this run, or use --auto-resume in job scripts whose first "
+            "attempt starts fresh"
+        )
+    if checkpoint.is_file():
+        raise ConfigError(
+            f"{checkpoint} exists: pass --resume to continue it, or choose another run.output_dir"
+        )
+    return None

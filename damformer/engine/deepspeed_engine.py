@@ -29,12 +29,15 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from damformer.config import ConfigError, RunConfig
+from damformer.engine.distributed import barrier, gather_objects
+from damformer.engine.strategy import Strategy
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +210,101 @@ def remove_other_tags(root: Path, keep: str) -> None:
     for folder in root.iterdir():
         if folder.is_dir() and folder.name != keep:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+class DeepSpeedStrategy(Strategy):
+    """ZeRO-1/2 around our AdamW: DeepSpeed owns backward (its fp16 loss scale) and the step.
+
+    On one process too (a process group of one, created here): the same engine and checkpoint format
+    whatever the number of GPUs, so a test on one GPU exercises DeepSpeed, not a fallback.
+    """
+
+    name = "deepspeed"
+
+    def __init__(self, model: torch.nn.Module, config: RunConfig, **kwargs: Any) -> None:
+        kwargs["scaler"] = None  # fp16: DeepSpeed's own dynamic loss scaler
+        super().__init__(model, config, **kwargs)
+        self._own_group = False
+        if not self.dist.enabled:  # DeepSpeed needs a process group, even of one
+            import torch.distributed as torch_dist
+
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1)
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it, launcher or not
+            self._own_group = True
+        ds_config = deepspeed_config(config, self.dist.world_size, self.device)
+        self.engine = initialize(model, self.optimizer, ds_config, self.device)
+        log.info("DeepSpeed ZeRO stage %d", ds_config["zero_optimization"]["stage"])
+
+    @property
+    def forward(self) -> torch.nn.Module:  # noqa: D102
+        return self.engine
+
+    @property
+    def backward(self) -> Callable[[torch.Tensor], None]:  # noqa: D102
+        engine = self.engine  # accumulates locally (and scales fp16 losses); reduces in step()
+        return lambda loss: engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> dict[str, torch.Tensor]:
+        """DeepSpeed reduces the accumulated gradients, clips, steps (or skips on fp16 overflow)."""
+        skipped = self.engine.skipped_steps
+        self.engine.step()
+        metrics: dict[str, torch.Tensor] = {}
+        if self.engine.fp16_enabled():  # DeepSpeed reads these on the host anyway
+            metrics["overflow"] = torch.tensor(float(self.engine.skipped_steps > skipped), device=self.device)
+            metrics["loss_scale"] = torch.tensor(float(loss_scale(self.engine) or 1.0), device=self.device)
+        norm = self.engine.get_global_grad_norm()
+        if self.config.optim.grad_clip is not None and norm is not None:
+            metrics["grad_norm"] = torch.tensor(float(norm), device=self.device)
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {"optimizer": None, "scaler": None}  # in the shards (save_shards)
+
+    def load_state_dict(self, state: dict[str, Any], *, where: Path, output_dir: Path) -> None:  # noqa: D102
+        root = output_dir / DEEPSPEED_DIR
+        folder = verify_shards(root, state["deepspeed"], where=where)
+        self.engine.load_checkpoint(
+            str(root), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+
+    def refuse_resume(self, engine: str, world_size: int) -> str | None:  # noqa: D102
+        if engine != "deepspeed":
+            return (
+                f"written with dist.engine={engine}, resumed with deepspeed: the optimiser state is stored "
+                "differently; resume with the same engine"
+            )
+        saved = world_size
+        if saved == self.dist.world_size:
+            return None
+        return (
+            f"its DeepSpeed ZeRO shards partition the optimiser state over {saved} process(es); resuming "
+            f"on {self.dist.world_size} would need DeepSpeed's universal checkpoint conversion, which "
+            f"damformer does not do: resume with {saved} processes, or with dist.engine=ddp from a new run"
+        )
+
+    def save_shards(self, output_dir: Path, iteration: int) -> dict[str, Any] | None:
+        """Every rank writes its shard into a fresh folder (collective).
+
+        checkpoint.pt, renamed into place after all of them, names that folder with checksums: the commit
+        point.
+        """
+        root = output_dir / DEEPSPEED_DIR
+        tag = gather_objects(self.dist, new_tag(iteration))[0]
+        self.engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+        barrier(self.dist)
+        return {"tag": tag, "files": file_digests(root / tag)} if self.dist.is_main else None
+
+    def after_save(self, output_dir: Path, record: dict[str, Any] | None) -> None:  # noqa: D102
+        if record is not None:
+            remove_other_tags(output_dir / DEEPSPEED_DIR, keep=record["tag"])
+
+    def close(self) -> None:  # noqa: D102
+        if self._own_group:
+            import torch.distributed as torch_dist
+
+            torch_dist.destroy_process_group()
+            self._own_group = False
 
 
 def build_ops() -> float:

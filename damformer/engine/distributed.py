@@ -177,12 +177,3 @@ def any_rank(context: DistContext, flag: bool) -> bool:
     tensor = _on_backend(context, torch.tensor([int(flag)]))
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item())
-
-
-def broadcast_flag(context: DistContext, flag: bool) -> bool:
-    """Rank 0's ``flag`` on every rank."""
-    if not context.enabled:
-        return flag
-    tensor = _on_backend(context, torch.tensor([int(flag)]))
-    dist.broadcast(tensor, src=0)
-    return bool(tensor.item())

@@ -74,11 +74,6 @@ class DAMFormer(nn.Module):
             "std", torch.tensor([AERIAL_STD[b] for b in bands])[:, None, None], persistent=False
         )
 
-    @property
-    def uses_s2(self) -> bool:
-        """Whether the model reads the Sentinel-2 series."""
-        return self.temporal is not None
-
     def normalise_aerial(self, aerial: torch.Tensor) -> torch.Tensor:
         """(B, 5, H, W) raw aerial (any dtype, 0..255) -> the model's bands, normalised float."""
         x = aerial.index_select(1, self.band_index).float()

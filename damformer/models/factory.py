@@ -18,8 +18,7 @@ ensemble pseudo-labels (which need the LR logits, so they apply to its "+T" conf
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -117,15 +116,6 @@ class ModelConfig:
     def name(self) -> str:
         """The ablation's name, e.g. ``DAM-Former RGB+NIR+E+T``."""
         return f"{ARCH_NAMES[self.arch]} {self.inputs}"
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
-        """Build from a YAML mapping; an unknown key is an error naming it."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"model: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**values)
 
 
 def is_none(pretrained: str | None) -> bool:

@@ -12,7 +12,7 @@ Every file is written to a temporary name and renamed, so a crash never leaves a
 
 from __future__ import annotations
 
-import os
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
@@ -23,6 +23,7 @@ import rasterio.enums
 import rasterio.windows
 from affine import Affine
 
+from damformer.atomic import atomic_path, atomic_write_bytes
 from damformer.data.classes import LandCoverClass
 from damformer.errors import OutputExistsError
 
@@ -59,10 +60,6 @@ def check_writable(paths: Sequence[Path], *, overwrite: bool) -> None:
             f"{len(existing)} output file(s) exist ({shown}): pass --overwrite to replace them, or choose "
             "another --out"
         )
-
-
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
 
 
 def qml_style(classes: Sequence[LandCoverClass]) -> str:
@@ -119,11 +116,11 @@ class MapWriter:
         self.classes = classes
         self.shape = (height, width)
         self.crs, self.transform, self.nodata = crs, transform, nodata
-        self._files: list[tuple[Path, Path, rasterio.io.DatasetWriter]] = []
-        self._env = rasterio.Env(GDAL_CACHEMAX=64)  # MB: finished tiles go to disk, not to RAM
+        self._files: list[rasterio.io.DatasetWriter] = []
+        self._stack = contextlib.ExitStack()  # the GDAL settings and each file's atomic_path
 
     def __enter__(self) -> MapWriter:
-        self._env.__enter__()
+        self._stack.enter_context(rasterio.Env(GDAL_CACHEMAX=64))  # MB: finished tiles go to disk, not RAM
         height, width = self.shape
         try:
             profile = _profile(width, height, 1, "uint8", self.crs, self.transform)
@@ -145,16 +142,15 @@ class MapWriter:
                 probabilities_file = self._open(self.probabilities_path, profile)
                 for band, cls in enumerate(self.classes, start=1):
                     probabilities_file.set_band_description(band, f"P({cls.name})")
-        except BaseException:
-            self._discard()
+        except BaseException as exc:
+            self.__exit__(type(exc), exc, exc.__traceback__)
             raise
         return self
 
     def _open(self, path: Path, profile: dict) -> rasterio.io.DatasetWriter:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temporary(path)
+        tmp = self._stack.enter_context(atomic_path(path))  # renamed into place when the stack closes
         dataset = rasterio.open(tmp, "w", **profile)
-        self._files.append((path, tmp, dataset))
+        self._files.append(dataset)
         return dataset
 
     def write(
@@ -169,36 +165,21 @@ class MapWriter:
         prediction = probabilities.argmax(axis=0).astype(np.uint8)
         if valid is not None:
             prediction[~valid] = CLASS_NODATA
-        self._files[0][2].write(prediction, 1, window=window)
+        self._files[0].write(prediction, 1, window=window)
         if self.probabilities_path is not None:
             values = probabilities.astype(np.float32, copy=True)
             if valid is not None:
                 values[:, ~valid] = np.nan
-            self._files[1][2].write(values, window=window)
+            self._files[1].write(values, window=window)
         return prediction
 
-    def _discard(self) -> None:
-        for _, tmp, dataset in self._files:
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, trace: object) -> None:
+        for dataset in self._files:  # closed before the rename (or the removal, after an error)
             dataset.close()
-            tmp.unlink(missing_ok=True)
         self._files.clear()
-        self._env.__exit__(None, None, None)
-
-    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        if kind is not None:
-            self._discard()
-            return
-        try:
-            for _, _, dataset in self._files:
-                dataset.close()
-            for path, tmp, _ in self._files:
-                tmp.replace(path)
-        finally:
-            self._discard()
-        style = self.path.with_suffix(".qml")
-        style_tmp = _temporary(style)
-        style_tmp.write_text(qml_style(self.classes))
-        style_tmp.replace(style)
+        self._stack.__exit__(kind, value, trace)  # success: rename into place; error: remove
+        if kind is None:
+            atomic_write_bytes(self.path.with_suffix(".qml"), qml_style(self.classes).encode())
 
 
 QUICKLOOK_SIDE = 2048  # pixels: a quicklook of a large map is read decimated, never whole
@@ -214,10 +195,6 @@ def write_quicklook_from(map_path: Path, path: Path, classes: Sequence[LandCover
         scale = max(1.0, max(dataset.height, dataset.width) / QUICKLOOK_SIDE)
         shape = (max(1, round(dataset.height / scale)), max(1, round(dataset.width / scale)))
         classes_map = dataset.read(1, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
-    tmp = _temporary(path)
-    try:
+    with atomic_path(path) as tmp:
         Image.fromarray(colourise(classes_map, classes)).save(tmp, format="PNG")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

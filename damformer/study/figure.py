@@ -9,12 +9,12 @@ with the checkpoint of its first finished seed. The PNG has a fixed size for a g
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from damformer.atomic import atomic_path
 from damformer.data.augment import training_sample
 from damformer.data.classes import FLAIR_CLASSES
 from damformer.data.collate import collate_samples
@@ -111,12 +111,9 @@ def _draw(panels: list[tuple[str, np.ndarray | None, str | None]], path: Path, *
     figure.subplots_adjust(
         left=0.01, right=0.99, top=1 - 30 / height, bottom=LEGEND_PX / height, hspace=0.35, wspace=0.05
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
     try:
-        figure.savefig(tmp, dpi=DPI)  # no bbox_inches: the size stays figure_size()
-        tmp.replace(path)
+        with atomic_path(path, keep_suffix=True) as tmp:
+            figure.savefig(tmp, dpi=DPI)  # no bbox_inches: the size stays figure_size()
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(figure)
     return path

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from damformer.atomic import atomic_write_bytes
 from damformer.data.classes import FLAIR_CLASSES
-from damformer.data.shard_io import atomic_write_bytes
 from damformer.study.spec import Study, StudyRun
 from damformer.study.state import FINISHED, read_scores
 

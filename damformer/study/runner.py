@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from damformer.data.shard_io import atomic_write_bytes
+from damformer.atomic import atomic_write_bytes
 from damformer.progress import progress
 from damformer.study.spec import Study, StudyError, StudyRun
 from damformer.study.state import FAILED, FINISHED, INTERRUPTED, StudyState, status

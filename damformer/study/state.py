@@ -13,7 +13,7 @@ import json
 import time
 from typing import Any
 
-from damformer.data.shard_io import atomic_write_bytes
+from damformer.atomic import atomic_write_bytes
 from damformer.engine.checkpoint import CHECKPOINT_NAME
 from damformer.study.spec import Study, StudyRun
 

@@ -6,13 +6,13 @@ report, a chat). Written with matplotlib's Agg backend (no display) to a tempora
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from damformer.atomic import atomic_path
 from damformer.data.classes import LandCoverClass
 
 IGNORE_INDEX = 255
@@ -29,13 +29,10 @@ def _pyplot() -> Any:
 
 
 def _save(figure: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
     try:
-        figure.savefig(tmp, dpi=110, bbox_inches="tight")
-        tmp.replace(path)
+        with atomic_path(path, keep_suffix=True) as tmp:  # matplotlib picks the format from the suffix
+            figure.savefig(tmp, dpi=110, bbox_inches="tight")
     finally:
-        tmp.unlink(missing_ok=True)
         _pyplot().close(figure)
     return path
 

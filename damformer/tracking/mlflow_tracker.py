@@ -118,11 +118,6 @@ class Tracker:
         tracker.uri, tracker.client, tracker.run_id = "", None, None
         return tracker
 
-    @property
-    def active(self) -> bool:
-        """Whether runs are still being logged (False once off or after a backend failure)."""
-        return self.client is not None
-
     def _start(
         self,
         experiment: str,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import resource
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -149,3 +150,30 @@ def write_figures(
     titles = [str(key) for key in batch["keys"]] if "keys" in batch else None
     written.append(mosaic_png(rows, classes, output_dir / MOSAIC_PNG, titles=titles))
     return written
+
+
+def report_end(
+    config: RunConfig,
+    output_dir: Path,
+    scores: SegmentationScores,
+    *,
+    model: torch.nn.Module,
+    test_set: ShardSet,
+    tracker: Tracker,
+    iteration: int,
+    autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+) -> None:
+    """Rank 0 at the end of a run: scores.json, the figures, and the run's artifacts for the tracker."""
+    from damformer.atomic import atomic_write_bytes
+
+    payload = scores.to_json(iteration=iteration, seed=config.run.seed)
+    atomic_write_bytes(output_dir / "scores.json", json.dumps(payload).encode())
+    title = f"{run_name(config)}: target test, mIoU {100 * scores.miou:.2f}"
+    figures = write_figures(
+        model, test_set, scores, output_dir, patches=config.log.mosaic_patches, autocast=autocast, title=title
+    )
+    for path in figures:
+        tracker.log_artifact(path, "figures")
+    tracker.log_artifact(output_dir / "config.yaml")
+    tracker.log_artifact(output_dir / "history.json")
+    tracker.log_artifact(output_dir / "checkpoint.pt", "checkpoint")

@@ -240,14 +240,20 @@ class SelfTraining(nn.Module):
         return metrics
 
     def _mask_blocks(self, aerial: torch.Tensor) -> torch.Tensor:
-        """MIC: hide ``mic_ratio`` of the ``mic_block``-pixel blocks (band means: 0 once normalised)."""
+        """MIC: hide ``mic_ratio`` of the ``mic_block``-pixel blocks (band means: 0 once normalised).
+
+        At least one block of every image stays visible: a fully hidden image is constant, all zero once
+        normalised, and near initialisation (zero biases) every activation is then zero, so each
+        LayerNorm's backward multiplies the gradient by 1 / sqrt(eps) until it overflows. (With 512 px
+        crops, 256 blocks, that never happens in practice; with the small crops of tests it did.)
+        """
         batch, bands, height, width = aerial.shape
         block = self.config.mic_block
         grid = (-(-height // block), -(-width // block))
-        keep = (
-            torch.rand(batch, 1, *grid, generator=self.generator, device=aerial.device)
-            >= self.config.mic_ratio
-        )
+        draws = torch.rand(batch, 1, *grid, generator=self.generator, device=aerial.device)
+        keep = draws >= self.config.mic_ratio
+        best = draws == draws.amax(dim=(2, 3), keepdim=True)  # the highest draw: kept when all are hidden
+        keep = keep | (best & ~keep.flatten(1).any(dim=1)[:, None, None, None])
         keep = keep.repeat_interleave(block, 2).repeat_interleave(block, 3)[..., :height, :width]
         fill = torch.tensor(AERIAL_MEAN[:bands], device=aerial.device)[None, :, None, None]
         return torch.where(keep, aerial, fill)

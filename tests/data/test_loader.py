@@ -265,3 +265,32 @@ def test_corrupt_shard_is_skipped_and_counted(damaged_shards, num_workers, caplo
 def test_missing_manifest_is_a_clear_error(tmp_path):
     with pytest.raises(ShardFormatError, match="manifest missing"):
         ShardSet(tmp_path)
+
+
+def test_epoch_stream_resumed_on_another_world_size_sees_each_sample_once(demo_shards):
+    from damformer.data.streams import EpochStream
+
+    def streams(world: int) -> list[EpochStream]:
+        return [
+            EpochStream(ShardSet(demo_shards), batch_size=2, seed=3, rank=r, world_size=world)
+            for r in range(world)
+        ]
+
+    seen: list[str] = []
+    two = streams(2)
+    for _ in range(3):  # 3 global steps of 2 ranks x 2 samples: 12 samples
+        for stream in two:
+            seen += stream.next()["keys"]
+    state = two[0].state_dict()
+    assert state == two[1].state_dict() and state["position"] == 12  # global, the same on every rank
+    three = streams(3)
+    for stream in three:
+        stream.load_state_dict(state)
+    total = ShardSet(demo_shards).num_samples
+    while len(seen) < total:  # three ranks finish the epoch
+        for stream in three:
+            seen += stream.next()["keys"]
+    assert len(seen) == total and len(set(seen)) == total  # every sample of the epoch exactly once
+    one = streams(1)[0]
+    uninterrupted = [key for _ in range(total // 2) for key in one.next()["keys"]]
+    assert seen == uninterrupted  # and in the order of one uninterrupted process

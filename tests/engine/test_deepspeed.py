@@ -138,11 +138,29 @@ def test_zero2_fp16_on_cuda_counts_overflow_steps(tiny_overrides, tmp_path):
         "run": {"precision": "fp16", "device": "cuda"},
         "dist": {"engine": "deepspeed", "zero_stage": 2},
     }
-    run(
+    result = run(
         torchrun(
             standalone(1 if torch.cuda.device_count() < 2 else 2),
             tiny_overrides(tmp_path / "fp16", **sections),
         )
     )
-    history = load_checkpoint(tmp_path / "fp16" / "checkpoint.pt")["history"]
-    assert all("loss_scale" in entry and "overflow_steps" in entry for entry in history)
+    state = load_checkpoint(tmp_path / "fp16" / "checkpoint.pt")
+    # DeepSpeed ran (also on one GPU: no fallback to the single-process engine and its GradScaler)
+    assert "DeepSpeed ZeRO stage 2" in result.stderr and state["engine"] == "deepspeed" and state["deepspeed"]
+    assert all("loss_scale" in entry and "overflow_steps" in entry for entry in state["history"])
+
+
+def test_deepspeed_runs_on_one_process_too(tiny_overrides, tmp_path, caplog):
+    import logging
+
+    sections = {
+        "optim": {"max_iters": 2},
+        "eval": {"interval": 0},
+        "dist": {"engine": "deepspeed", "zero_stage": 1},
+    }
+    with caplog.at_level(logging.INFO, logger="damformer.engine.deepspeed_engine"):
+        result = Trainer(load_config(None, tiny_overrides(tmp_path / "one", **sections))).run()
+    assert result.iterations == 2 and "DeepSpeed ZeRO stage 1" in caplog.text
+    state = load_checkpoint(tmp_path / "one" / "checkpoint.pt")
+    assert state["engine"] == "deepspeed" and state["world_size"] == 1 and state["optimizer"] is None
+    assert (tmp_path / "one" / "deepspeed" / state["deepspeed"]["tag"]).is_dir()

@@ -48,7 +48,7 @@ def test_ddp_equals_one_process_with_the_same_global_batch(tiny_overrides, tmp_p
         trainer.run()
     run(torchrun(standalone(), tiny_overrides(tmp_path / "ddp", **EQUIVALENT)))
     state = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")
-    assert state["world_size"] == 2 and len(state["ranks"]) == 2
+    assert state["world_size"] == 2 and len(state["rng"]) == 2  # a random state per rank
     digests = state["student_digests"]
     assert len(digests) == 2 and digests[0] == digests[1], "the student differs between the ranks"
     ddp, one = student(tmp_path / "ddp" / "checkpoint.pt"), student(tmp_path / "single" / "checkpoint.pt")
@@ -61,17 +61,53 @@ def test_ddp_equals_one_process_with_the_same_global_batch(tiny_overrides, tmp_p
         assert a["loss_source"] == pytest.approx(b["loss_source"], rel=1e-4)
 
 
-def test_ddp_uda_with_bf16_and_resume_on_another_world_size_refused(tiny_overrides, tmp_path):
+def test_ddp_uda_with_bf16_then_resumed_on_one_process_keeps_the_global_batch(tiny_overrides, tmp_path):
     overrides = tiny_overrides(tmp_path / "uda", optim={"max_iters": 3}, run={"precision": "bf16"})
     result = run(torchrun(standalone(), overrides))
     assert "target test mIoU" in result.stdout
     state = load_checkpoint(tmp_path / "uda" / "checkpoint.pt")
     assert state["iteration"] == 3 and len(set(state["student_digests"])) == 1
     assert {"loss_source", "loss_mixed", "loss_mic", "pseudo_confidence"} <= set(state["history"][-1])
+    assert state["global_batch"] == 4  # 2 per rank x 2 ranks
     bigger = tiny_overrides(tmp_path / "uda", optim={"max_iters": 5}, run={"precision": "bf16"})
-    trainer = Trainer(load_config(None, bigger))  # one process
-    with pytest.raises(ConfigError, match="written by a run on 2 process"):
-        trainer.run(resume=True)
+    trainer = Trainer(load_config(None, bigger))  # one process: 2 per step x 2 accumulated
+    assert trainer.run(resume=True).iterations == 5 and trainer.config.optim.grad_accum == 2
+    assert load_checkpoint(tmp_path / "uda" / "checkpoint.pt")["global_batch"] == 4
+
+
+def test_a_global_batch_that_cannot_be_kept_is_refused_with_the_numbers(tiny_overrides, tmp_path):
+    sections = {**EQUIVALENT, "optim": {**EQUIVALENT["optim"], "max_iters": 2}}
+    run(torchrun(standalone(), tiny_overrides(tmp_path / "two", **sections)))  # global batch 2 = 1 x 2 x 1
+    odd = tiny_overrides(tmp_path / "two", **{**sections, "data": {"batch_size": 1}})
+    result = run(torchrun(standalone(3), odd, "--resume"), check=False)
+    assert result.returncode != 0
+    assert "its global batch 2 is not a multiple of data.batch_size 1 x 3 process(es)" in result.stderr
+
+
+def test_resume_on_one_then_three_ranks_equals_the_uninterrupted_run(tiny_overrides, tmp_path):
+    """2 ranks stop mid-run, 1 rank continues, 3 ranks finish: the weights of one uninterrupted run."""
+    epochs = {**EQUIVALENT, "uda": {"enabled": False, "rcs": False}}  # epochs of the samples, in order
+    sections = {**epochs, "optim": {**EQUIVALENT["optim"], "max_iters": 6, "grad_accum": 3}}  # global batch 6
+    with one_thread():
+        single = {**sections, "optim": {**sections["optim"], "grad_accum": 6}}
+        Trainer(load_config(None, tiny_overrides(tmp_path / "full", **single))).run()
+    cut = tiny_overrides(tmp_path / "cut", **sections)
+    run(torchrun(standalone(2), cut, "--stop-after", "2"))
+    with one_thread():
+        Trainer(load_config(None, cut)).run(resume=True, stop_after=4)  # accumulation 6 on one process
+    result = run(torchrun(standalone(3), cut, "--resume"))  # accumulation 2 on three
+    assert "gradient accumulation 2" in result.stderr
+    final, full = (
+        load_checkpoint(tmp_path / "cut" / "checkpoint.pt"),
+        load_checkpoint(tmp_path / "full" / "checkpoint.pt"),
+    )
+    assert final["iteration"] == 6 and final["world_size"] == 3 and final["global_batch"] == 6
+    assert final["streams"]["source"]["position"] == full["streams"]["source"]["position"] == 36
+    ours, one = student(tmp_path / "cut" / "checkpoint.pt"), student(tmp_path / "full" / "checkpoint.pt")
+    for name, tensor in one.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    for a, b in zip(final["history"], full["history"], strict=True):
+        assert a["loss_source"] == pytest.approx(b["loss_source"], rel=1e-4)
 
 
 def test_two_nodes_on_localhost(tiny_overrides, tmp_path):
@@ -151,10 +187,10 @@ def test_fp16_overflow_step_is_skipped_and_counted(tiny_overrides, tmp_path):
         tmp_path / "fp16", **{**EQUIVALENT, "run": {"precision": "fp16", "device": "cpu"}}
     )
     trainer = Trainer(load_config(None, overrides))
-    assert trainer.scaler is not None
+    assert trainer.strategy.scaler is not None
     trainer.step()
     before = {k: v.clone() for k, v in trainer.model.state_dict().items() if v.is_floating_point()}
-    scale = trainer.scaler.get_scale()
+    scale = trainer.strategy.scaler.get_scale()
     original = trainer.uda.forward_backward
 
     def overflowing(*args, **kwargs):
@@ -163,12 +199,14 @@ def test_fp16_overflow_step_is_skipped_and_counted(tiny_overrides, tmp_path):
         return metrics
 
     trainer.uda.forward_backward = overflowing
-    metrics = trainer.step()
-    assert metrics["overflow_steps"] == 1.0 and trainer.overflow_steps == 1
-    assert trainer.scaler.get_scale() == scale / 2
+    trainer.step()
+    metrics = trainer.flush_metrics()[-1]  # metrics are read on the host here, not in step()
+    assert metrics["overflow_steps"] == 1.0 and trainer.metrics.overflow_steps == 1
+    assert trainer.strategy.scaler.get_scale() == scale / 2
     params = dict(trainer.model.named_parameters())
     for name, tensor in before.items():
         if name in params:
             assert torch.equal(params[name].detach(), tensor), f"{name} changed on a skipped step"
     trainer.uda.forward_backward = original
-    assert trainer.step()["overflow_steps"] == 1.0  # a finite step goes through again
+    trainer.step()
+    assert trainer.flush_metrics()[-1]["overflow_steps"] == 1.0  # a finite step goes through again

@@ -6,7 +6,13 @@ import pytest
 import torch
 import yaml
 
+from damformer.config import ConfigError, build_section
 from damformer.models.factory import ARCHS, ModelConfig, build_model
+
+
+def _model(path: Path) -> ModelConfig:
+    return build_section(ModelConfig, yaml.safe_load(path.read_text())["model"], "model")
+
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs" / "ablation").glob("*.yaml"))
 
@@ -14,7 +20,9 @@ CONFIGS = sorted((Path(__file__).parents[2] / "configs" / "ablation").glob("*.ya
 def test_one_config_per_cell_of_the_ablation():
     cells = {
         (c.arch, c.bands, c.temporal)
-        for c in (ModelConfig.from_dict(yaml.safe_load(p.read_text())["model"]) for p in CONFIGS)
+        for c in (
+            build_section(ModelConfig, yaml.safe_load(p.read_text())["model"], "model") for p in CONFIGS
+        )
     }
     expected = {(a, b, t) for a in ARCHS for b in ("rgb", "rgbne") for t in (False, True)}
     assert cells == expected and len(CONFIGS) == 16
@@ -22,7 +30,7 @@ def test_one_config_per_cell_of_the_ablation():
 
 def test_every_mit_config_names_its_imagenet_weights():
     for path in CONFIGS:
-        config = ModelConfig.from_dict(yaml.safe_load(path.read_text())["model"])
+        config = build_section(ModelConfig, yaml.safe_load(path.read_text())["model"], "model")
         expected = None if config.arch == "unet_c" else f"weights/{config.mit_size}.pth"
         assert config.pretrained == expected, path.name
 
@@ -30,7 +38,7 @@ def test_every_mit_config_names_its_imagenet_weights():
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_builds_runs_forward_and_backward(path):
     torch.manual_seed(0)
-    config = ModelConfig.from_dict(yaml.safe_load(path.read_text())["model"])
+    config = build_section(ModelConfig, yaml.safe_load(path.read_text())["model"], "model")
     config.pretrained = "none"  # the shipped size (MiT-b4/b5 where configured), random weights, small input
     model = build_model(config)
     aerial = torch.randint(0, 256, (2, 5, 64, 64), dtype=torch.uint8)
@@ -52,8 +60,8 @@ def test_config_builds_runs_forward_and_backward(path):
 
 
 def test_unknown_or_bad_model_keys_are_errors():
-    with pytest.raises(ValueError, match="model: unknown key"):
-        ModelConfig.from_dict({"arch": "damformer", "backbon": "mit_b0"})
+    with pytest.raises(ConfigError, match="model: unknown key"):
+        build_section(ModelConfig, {"arch": "damformer", "backbon": "mit_b0"}, "model")
     with pytest.raises(ValueError, match="model.arch: expected one of"):
         ModelConfig(arch="segnet")
     with pytest.raises(ValueError, match="model.backbone"):

@@ -136,12 +136,12 @@ def test_pretrained_weights_must_be_named_or_refused_explicitly(tiny_overrides, 
 
 def test_training_a_large_mit_from_scratch_warns(tiny_overrides, tmp_path, caplog):
     overrides = [*tiny_overrides(tmp_path), "model.backbone=mit_b2", "model.temporal=false"]
-    with caplog.at_level(logging.WARNING, logger="damformer.engine.train"):
-        Trainer(load_config(None, overrides))
+    with caplog.at_level(logging.WARNING, logger="damformer.config"):
+        load_config(None, overrides)
     assert "mit_b2 encoder trains from random weights" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="damformer.engine.train"):
-        Trainer(load_config(None, tiny_overrides(tmp_path / "b0")))
+    with caplog.at_level(logging.WARNING, logger="damformer.config"):
+        load_config(None, tiny_overrides(tmp_path / "b0"))
     assert "random weights" not in caplog.text  # b0 / b1: no warning
 
 

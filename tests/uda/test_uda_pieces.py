@@ -231,3 +231,20 @@ def test_dice_loss_values():
     weight = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
     only = 1 - 2 * (1 / 3) / (1 / 3 + 1)
     assert dice_loss(uniform, labels, weight).item() == pytest.approx(only)
+
+
+def test_mic_hides_the_ratio_of_blocks_but_never_a_whole_image():
+    from damformer.config import UDAConfig
+    from damformer.models.damformer import AERIAL_MEAN
+    from damformer.uda.dacs import SelfTraining
+
+    training = SelfTraining(nn.Conv2d(1, 1, 1), UDAConfig(mic=True, mic_ratio=0.99, mic_block=32), seed=0)
+    aerial = torch.rand(64, 5, 64, 64) * 200 + 30  # never equal to a band mean
+    masked = training._mask_blocks(aerial)
+    hidden = (masked == torch.tensor(AERIAL_MEAN)[None, :, None, None]).all(dim=1)  # (B, H, W)
+    assert (~hidden).flatten(1).any(dim=1).all()  # at least one block of every image is visible
+    assert hidden.float().mean() > 0.7  # most blocks hidden at ratio 0.99 (4 blocks: 3 of 4 at most)
+    training.config.mic_ratio = 0.7
+    big = training._mask_blocks(torch.rand(4, 5, 512, 512) * 200 + 30)
+    share = (big == torch.tensor(AERIAL_MEAN)[None, :, None, None]).all(dim=1).float().mean()
+    assert 0.6 < share < 0.8

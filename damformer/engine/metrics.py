@@ -1,0 +1,56 @@
+"""Training metrics on the device, read on the host once per log interval.
+
+Reading a tensor's value waits for the device: a step that did it for every loss would stall a GPU at
+every step. Each step's metrics are queued as detached device tensors; :meth:`MetricsQueue.flush`
+averages them over the ranks in one collective, reads them in one transfer and turns them into the
+per-step history entries (``{"loss_source": ..., "lr": ..., "iteration": ...}``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from damformer.engine.distributed import DistContext, mean_over_ranks
+
+log = logging.getLogger(__name__)
+
+
+class MetricsQueue:
+    """Queued step metrics and the count of skipped fp16 steps (``overflow`` is a 0/1 metric)."""
+
+    def __init__(self, dist: DistContext) -> None:
+        self.dist = dist
+        self.pending: list[tuple[int, float, dict[str, torch.Tensor]]] = []
+        self.overflow_steps = 0
+
+    def add(self, iteration: int, lr: float, metrics: dict[str, torch.Tensor]) -> None:
+        """Queue the metrics of one step (no host synchronisation)."""
+        self.pending.append((iteration, lr, metrics))
+
+    def flush(self) -> list[dict[str, float]]:
+        """The history entries of the queued steps (collective under DDP: every rank calls it)."""
+        if not self.pending:
+            return []
+        keys = [sorted(values) for _, _, values in self.pending]
+        flat = torch.cat(
+            [
+                torch.stack([values[k].reshape(()).double() for k in names])
+                for (_, _, values), names in zip(self.pending, keys, strict=True)
+            ]
+        )
+        numbers = mean_over_ranks(self.dist, flat).tolist()  # the one wait for the device
+        entries, position = [], 0
+        for (iteration, lr, _), names in zip(self.pending, keys, strict=True):
+            entry = dict(zip(names, numbers[position : position + len(names)], strict=True))
+            position += len(names)
+            if "overflow" in entry:  # fp16: the step was skipped (every rank saw the same gradients)
+                if entry.pop("overflow") > 0.5:
+                    self.overflow_steps += 1
+                    log.warning("iteration %d: fp16 gradient overflow, step skipped", iteration)
+                entry["overflow_steps"] = float(self.overflow_steps)
+            entry["lr"], entry["iteration"] = lr, iteration
+            entries.append(entry)
+        self.pending.clear()
+        return entries
