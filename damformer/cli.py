@@ -27,8 +27,16 @@ EXIT_STOPPED = 75  # sysexits.h EX_TEMPFAIL: stopped on request with a checkpoin
 EXIT_INTERRUPTED = 130
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults and keep the hand-made line breaks of examples."""
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Show informative defaults once, and keep the hand-made line breaks of examples."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        default = action.default
+        uninformative = default is None or default is False or default == [] or default == argparse.SUPPRESS
+        if "default" in help_text.lower() or uninformative or action.option_strings == []:
+            return help_text  # the help already says it, or there is nothing to say (flags, None)
+        return f"{help_text} (default: %(default)s)"
 
 
 class _OptionError(Exception):
@@ -403,6 +411,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise _OptionError(f"--batch-size {args.batch_size}: expected >= 1")
+    # the checkpoint first: a refused one (not weights, or no damformer checkpoint) is the likelier mistake
+    model, model_config, state = load_model(args.checkpoint, teacher=args.teacher)
     shard_set = ShardSet(args.shards, domains=args.domains)
     unlabelled = [
         str(f)
@@ -414,7 +424,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             f"--shards {', '.join(unlabelled)}: sharded without labels (--no-labels): evaluation needs a "
             "labelled set, e.g. the target's test split"
         )
-    model, model_config, state = load_model(args.checkpoint, teacher=args.teacher)
     device = resolve_device(args.device)
     retain_freed_memory(device)
     model.to(device)
@@ -498,7 +507,7 @@ def _add_study_parser(commands: argparse._SubParsersAction) -> None:
 def _cmd_ui(args: argparse.Namespace) -> int:
     from damformer.tracking.ui import serve
 
-    return serve(args.run_dir, host=args.host, port=args.port)
+    return serve(args.paths or [Path("runs/demo")], host=args.host, port=args.port)
 
 
 def _add_training_parsers(commands: argparse._SubParsersAction) -> None:
@@ -535,7 +544,7 @@ def _add_training_parsers(commands: argparse._SubParsersAction) -> None:
         "--tracking-uri",
         metavar="URI",
         help="MLflow store or server for this run (log.tracking_uri), e.g. http://127.0.0.1:5000; "
-        "default: sqlite:///OUTPUT_DIR/mlflow.db",
+        "default: the run folder's parent's store, sqlite:///PARENT/mlflow.db",
     )
     train.add_argument(
         "--stop-after",
@@ -628,9 +637,8 @@ def _add_training_parsers(commands: argparse._SubParsersAction) -> None:
         help="table of runs side by side: model, inputs, mIoU, IoU per class",
         description="Compare finished runs: from their folders (config.yaml + scores.json, no tracking "
         "needed), or from the runs of one MLflow experiment. To browse them in the MLflow UI instead: "
-        "mlflow ui --backend-store-uri sqlite:///RUN_DIR/mlflow.db --host 127.0.0.1 (one run folder), "
-        "or train every run with --tracking-uri of one shared `mlflow server --host 127.0.0.1`.",
-        epilog="examples:\n  damformer compare runs/demo/runs/*\n"
+        "damformer ui runs/demo (runs launched side by side share their parent folder's store).",
+        epilog="examples:\n  damformer compare runs/demo/source_only runs/demo/uda runs/demo/damformer\n"
         "  damformer compare --tracking-uri http://127.0.0.1:5000 --experiment ablation",
     )
     compare.add_argument("runs", nargs="*", type=Path, metavar="RUN_DIR", help="run folders (run.output_dir)")
@@ -641,13 +649,19 @@ def _add_training_parsers(commands: argparse._SubParsersAction) -> None:
     ui = commands.add_parser(
         "ui",
         formatter_class=_Formatter,
-        help="browse one run folder in the MLflow UI (bound to 127.0.0.1)",
-        description="Start the MLflow UI over RUN_DIR/mlflow.db, the store every run writes by default. "
-        "It listens on 127.0.0.1 only: MLflow has no authentication. From your laptop, tunnel to it: "
-        "ssh -L 5000:127.0.0.1:5000 NODE, then open http://127.0.0.1:5000.",
-        epilog="examples:\n  damformer ui runs/demo/runs/damformer\n  damformer ui runs/x --port 5001",
+        help="browse and compare runs in the MLflow UI (bound to 127.0.0.1)",
+        description="Start the MLflow UI over the local store that runs share: every run logs to the "
+        "mlflow.db of its run folder's parent (runs/demo/uda -> runs/demo/mlflow.db), so `damformer ui "
+        "runs/demo` shows the demo's three runs side by side (tick them, then Compare). A path may be a "
+        "store file, a folder of runs, or a run folder; several must share one store. The URL printed "
+        "opens their experiment. It listens on 127.0.0.1 only: MLflow has no authentication. From your "
+        "laptop, tunnel to it: ssh -L 5000:127.0.0.1:5000 NODE, then open the URL.",
+        epilog="examples:\n  damformer ui runs/demo\n  damformer ui runs/demo/damformer runs/demo/uda\n"
+        "  damformer ui runs/studies/miniature/mlflow.db --port 5001",
     )
-    ui.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (run.output_dir)")
+    ui.add_argument(
+        "paths", nargs="*", type=Path, metavar="STORE_OR_FOLDER", help="default: runs/demo (the demo's store)"
+    )
     ui.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     ui.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others warn: no auth)"

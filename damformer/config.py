@@ -143,12 +143,16 @@ class LogConfig:
 
     Attributes:
         tracking: log the run to MLflow (rank 0): params, metrics, figures and the final checkpoint.
-        tracking_uri: MLflow store or server; None: ``sqlite:///OUTPUT/mlflow.db`` (artifacts in
-            ``OUTPUT/mlruns``). A shared server (``http://host:port``) puts runs side by side.
+        tracking_uri: MLflow store or server; None: the store of the run folder's parent folder,
+            ``sqlite:///PARENT/mlflow.db`` (artifacts in ``PARENT/mlartifacts``), so runs launched side
+            by side (``runs/demo/*``) share one store. A server (``http://host:port``) for clusters.
         experiment: MLflow experiment; None: the config file's folder (``configs/ablation/x.yaml``
             -> ``ablation``), ``damformer`` without a file.
         mosaic_patches: target test patches shown in the prediction mosaic PNG.
         run_name: the MLflow run's name; None: model x inputs x source->target.
+        upload_checkpoint: copy the final checkpoint into the artifact store (default: only its path
+            and sha256 as tags: a MiT-b5 checkpoint is a gigabyte).
+        system_metrics: MLflow's own sampling of CPU, memory and GPU use (GPU needs pynvml).
         parent_run_id: nest the run under this MLflow run (a study's parent run, ``damformer study``).
     """
 
@@ -160,6 +164,8 @@ class LogConfig:
     mosaic_patches: int = 4
     run_name: str | None = None
     parent_run_id: str | None = None
+    upload_checkpoint: bool = False
+    system_metrics: bool = True
 
 
 @dataclass

@@ -36,8 +36,8 @@ echo "== 7/8 results on the target (north) test split"
 damformer evaluate --checkpoint "$out/damformer/checkpoint.pt" --shards "$out/shards/north-test"
 python3 launch/demo_table.py "$out"
 echo
-echo "The same runs with IoU per class (damformer compare; each run is also in its MLflow store,"
-echo "e.g. mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///$(cd "$out" && pwd)/damformer/mlflow.db):"
+echo "The same runs with IoU per class (damformer compare). All three are in one MLflow store,"
+echo "$out/mlflow.db: damformer ui $out  (then tick the runs and press Compare)"
 damformer compare "$out/source_only" "$out/uda" "$out/damformer"
 
 echo "== 8/8 georeferenced maps of the north test patches (DAM-Former): $out/maps"

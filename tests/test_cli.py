@@ -26,6 +26,9 @@ def test_help_lists_commands_and_each_command_has_an_example():
         text = _run(name, "--help").stdout
         spelled = name.replace("-", " ")  # 'shard-verify' is documented as 'damformer shard verify'
         assert re.search(r"examples?:\n", text) and f"damformer {spelled}" in text, name
+        flat = " ".join(text.split())  # help lines wrap anywhere
+        assert not re.search(r"\(default:[^)]*\) \(default:", flat), f"{name}: a default printed twice"
+        assert "(default: None)" not in flat and "(default: False)" not in flat, name
 
 
 def test_version():

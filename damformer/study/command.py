@@ -124,8 +124,8 @@ def collect(
     for path in written:
         tracker.log_artifact(path)
     tracker.log_metrics(
-        {f"miou13/{row.name}": row.miou[0] for row in rows if row.runs}
-        | {f"miou12/{row.name}": row.miou_without_other[0] for row in rows if row.runs},
+        {f"mIoU mean/{row.name}": row.miou[0] for row in rows if row.runs}
+        | {f"mIoU without other mean/{row.name}": row.miou_without_other[0] for row in rows if row.runs},
         step=0,
     )
     report = StudyReport(statuses, markdown(study, rows), written)

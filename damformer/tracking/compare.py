@@ -1,6 +1,6 @@
 """Compare runs side by side: model, inputs, mIoU and IoU per class, from run folders or MLflow.
 
-    damformer compare runs/demo/runs/*                                  # run folders (scores.json)
+    damformer compare runs/demo/source_only runs/demo/uda runs/demo/damformer   # run folders
     damformer compare --tracking-uri http://127.0.0.1:5000 --experiment ablation
 
 Run folders need no tracking at all: each holds ``config.yaml`` and ``scores.json``. With
@@ -81,7 +81,7 @@ def rows_from_folders(folders: Sequence[Path]) -> list[RunRow]:
 
 
 def rows_from_mlflow(uri: str, experiment: str) -> list[RunRow]:
-    """A row per run of an MLflow experiment (latest mIoU, accuracy and iou_* metrics)."""
+    """A row per run of an MLflow experiment (latest mIoU, accuracy and IoU/<class> metrics)."""
     import os
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -105,9 +105,9 @@ def rows_from_mlflow(uri: str, experiment: str) -> list[RunRow]:
     for run in runs:
         metrics, tags = run.data.metrics, run.data.tags
         iou = {
-            cls.name: metrics[f"iou_{cls.name.replace(' ', '_')}"]
+            cls.name: metrics[f"IoU/{cls.name}"] / 100
             for cls in FLAIR_CLASSES
-            if f"iou_{cls.name.replace(' ', '_')}" in metrics
+            if f"IoU/{cls.name}" in metrics
         }
         rows.append(
             RunRow(
@@ -116,8 +116,8 @@ def rows_from_mlflow(uri: str, experiment: str) -> list[RunRow]:
                 _inputs(tags.get("bands", "?"), tags.get("temporal", "False")),
                 _training(tags.get("uda", "?")),
                 run.info.status.lower(),
-                metrics.get("miou", math.nan),
-                metrics.get("accuracy", math.nan),
+                metrics.get("mIoU", math.nan) / 100,  # logged in percent
+                metrics.get("accuracy", math.nan) / 100,
                 iou,
             )
         )

@@ -1,9 +1,13 @@
 """MLflow tracking of a training run (rank 0 only), that never stops training.
 
-Default store: ``sqlite:///OUTPUT/mlflow.db`` with artifacts in ``OUTPUT/mlruns``; ``--tracking-uri``
-(or ``log.tracking_uri``) points at a shared server instead, where runs of several jobs are compared
-side by side. One experiment per config family (``configs/ablation/*.yaml`` -> ``ablation``), one run
-named after the ablation (model x inputs x source->target), every resolved config value as a param.
+Default store: one per folder of runs. A run in ``runs/demo/uda`` logs to ``runs/demo/mlflow.db`` with
+artifacts in ``runs/demo/mlartifacts``, so the runs launched side by side (the demo's three, a config
+family under ``runs/``) are compared in one MLflow UI (``damformer ui runs/demo``). ``--tracking-uri``
+(or ``log.tracking_uri``) points at a shared server instead. Artifact locations are absolute paths in
+the store: a moved folder of runs keeps its runs and metrics, but the UI no longer finds its artifacts
+(they are still on disk, next to the store). One experiment per config family
+(``configs/ablation/*.yaml`` -> ``ablation``), one run named after the ablation (model x inputs x
+source->target), every resolved config value as a param.
 
 Any failure of the backend (server down at start, or dying mid-run) turns tracking off with one
 warning; the run goes on and its metrics stay in ``OUTPUT/history.json`` and ``scores.json``. The
@@ -37,12 +41,18 @@ def experiment_family(config_path: str | os.PathLike | None) -> str:
     return parent.name
 
 
-STORE_NAME = "mlflow.db"  # the run's own store, in run.output_dir
+STORE_NAME = "mlflow.db"  # the store of a folder of runs: next to the runs' folders
+ARTIFACT_ROOT = "mlartifacts"
+
+
+def store_folder(output_dir: Path) -> Path:
+    """Where the default store of a run lives: the folder that holds its run folder."""
+    return output_dir.resolve().parent
 
 
 def default_tracking_uri(output_dir: Path) -> str:
-    """The run's own sqlite store."""
-    return f"sqlite:///{(output_dir / STORE_NAME).resolve()}"
+    """The sqlite store shared by the runs of ``output_dir``'s parent folder."""
+    return f"sqlite:///{store_folder(output_dir) / STORE_NAME}"
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -202,10 +212,27 @@ class Tracker:
 
         self._guard("metrics", action)
 
+    def start_system_metrics(self, interval: float = 30.0) -> None:
+        """MLflow's own sampling of CPU, memory and (with pynvml) GPU use, every ``interval`` s."""
+
+        def action() -> None:
+            import mlflow
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            mlflow.set_tracking_uri(self.uri)  # the monitor logs through the global client
+            monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval, samples_before_logging=1)
+            monitor.start()
+            self._monitor = monitor
+
+        self._guard("system metrics", action)
+
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         """Upload a file into the run's artifacts (under ``folder``)."""
         self._guard("artifact", lambda: self.client.log_artifact(self.run_id, str(path), folder))
 
     def finish(self, status: str = "FINISHED") -> None:
-        """Mark the run ended (FINISHED, FAILED or KILLED)."""
+        """Mark the run ended (FINISHED, FAILED or KILLED); stop the system-metrics sampling."""
+        monitor = self.__dict__.pop("_monitor", None)
+        if monitor is not None:
+            self._guard("system metrics", monitor.finish)
         self._guard("finish", lambda: self.client.set_terminated(self.run_id, status=status))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import resource
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -16,15 +15,18 @@ import torch
 from damformer.config import RunConfig
 from damformer.data.classes import FLAIR_CLASSES
 from damformer.data.loader import LoaderOptions, ShardLoader, ShardSet
+from damformer.data.shard_io import sha256_file
 from damformer.eval.evaluate import eval_mode
 from damformer.eval.metrics import SegmentationScores
 from damformer.models.damformer import model_inputs
 from damformer.tracking.figures import confusion_png, mosaic_png
 from damformer.tracking.mlflow_tracker import (
+    ARTIFACT_ROOT,
     Tracker,
     default_tracking_uri,
     flatten,
     git_commit,
+    store_folder,
 )
 
 CONFUSION_PNG = "confusion_matrix.png"
@@ -79,37 +81,33 @@ def start_tracking(
         uri,
         log_config.experiment or "damformer",
         log_config.run_name or run_name(config),
-        artifact_root=output_dir / "mlruns" if local else None,
+        artifact_root=store_folder(output_dir) / ARTIFACT_ROOT if local else None,
         run_id=run_id,
         tags=tags,
     )
     tracker.log_params(flatten(config.to_dict()))
     tracker.set_tags(tags)
+    if log_config.system_metrics:
+        tracker.start_system_metrics()
     return tracker
 
 
 def system_metrics(*, samples_per_second: float, device: torch.device) -> dict[str, float]:
-    """Throughput and peak memory of this process (rank 0's, for the tracking server)."""
-    metrics = {
-        "throughput_samples_per_s": samples_per_second,
-        # ru_maxrss is in KiB on Linux
-        "memory_cpu_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
-    if device.type == "cuda":
-        metrics["memory_gpu_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return metrics
+    """Training throughput (CPU, memory and GPU use: MLflow's own ``system/`` metrics, log.system_metrics)."""
+    del device  # memory over time comes from MLflow's sampling; kept for the callers' signature
+    return {"throughput samples/s": samples_per_second}
 
 
 def eval_metrics(scores: SegmentationScores) -> dict[str, float]:
-    """mIoU, accuracy and one ``iou_<class>`` per class (absent classes are left out)."""
+    """MIoU (13 and 12 classes), accuracy and ``IoU/<class>``, in percent as every table prints them."""
     metrics = {
-        "miou": scores.miou,
-        "miou_without_other": scores.miou_without_other,
-        "accuracy": scores.accuracy,
+        "mIoU": 100 * scores.miou,
+        "mIoU without other": 100 * scores.miou_without_other,
+        "accuracy": 100 * scores.accuracy,
     }
     for cls, value in zip(FLAIR_CLASSES, scores.iou, strict=False):
         if np.isfinite(value):
-            metrics[f"iou_{cls.name.replace(' ', '_')}"] = float(value)
+            metrics[f"IoU/{cls.name}"] = 100 * float(value)
     return metrics
 
 
@@ -176,4 +174,10 @@ def report_end(
         tracker.log_artifact(path, "figures")
     tracker.log_artifact(output_dir / "config.yaml")
     tracker.log_artifact(output_dir / "history.json")
-    tracker.log_artifact(output_dir / "checkpoint.pt", "checkpoint")
+    checkpoint = output_dir / "checkpoint.pt"
+    if config.log.upload_checkpoint:  # a copy in the artifact store (GBs for MiT-b5)
+        tracker.log_artifact(checkpoint, "checkpoint")
+    else:  # a reference: where it is and what it is
+        tracker.set_tags(
+            {"checkpoint.path": str(checkpoint.resolve()), "checkpoint.sha256": sha256_file(checkpoint)}
+        )

@@ -1,4 +1,4 @@
-"""``damformer ui``: the MLflow UI over one run folder's local store, bound to the loopback by default.
+"""``damformer ui``: the MLflow UI over a folder of runs' local store, bound to the loopback by default.
 
 MLflow's server has no authentication: anyone who reaches its port can read every run and delete it.
 So it listens on 127.0.0.1 unless told otherwise, and a user on a cluster reaches it through an SSH
@@ -20,7 +20,7 @@ from pathlib import Path
 from types import FrameType
 
 from damformer.errors import DamformerError
-from damformer.tracking.mlflow_tracker import STORE_NAME, default_tracking_uri
+from damformer.tracking.mlflow_tracker import STORE_NAME
 
 log = logging.getLogger(__name__)
 
@@ -41,23 +41,60 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def ui_command(run_dir: Path, *, host: str = DEFAULT_HOST, port: int = 5000) -> list[str]:
-    """The ``mlflow server`` argument list for the store of ``run_dir``.
+def resolve_store(path: Path) -> Path:
+    """The sqlite store a path names: the file itself, a folder's ``mlflow.db``, or a run folder's parent's.
 
     Raises:
-        UIError: ``run_dir`` has no ``mlflow.db`` (tracking was off, or another --tracking-uri was used).
+        UIError: no store there (tracking was off, or the run tracked to another --tracking-uri).
     """
-    store = run_dir / STORE_NAME
-    if not store.is_file():
-        raise UIError(
-            f"{store}: no MLflow store in this run folder (log.tracking was off, or the run tracked to "
-            "another --tracking-uri: open that server instead)"
-        )
+    if path.is_file():
+        return path.resolve()
+    candidates = [path / STORE_NAME, path.resolve().parent / STORE_NAME]  # a folder of runs, or one run
+    for store in candidates:
+        if store.is_file():
+            return store.resolve()
+    raise UIError(
+        f"{path}: no MLflow store (looked for {' and '.join(str(c) for c in candidates)}): log.tracking was "
+        "off, or the runs tracked to another --tracking-uri (open that server instead)"
+    )
+
+
+def resolve_one_store(paths: list[Path]) -> Path:
+    """The one store that every path names (one server serves one store).
+
+    Raises:
+        UIError: a path has no store, or the paths name different stores.
+    """
+    stores = {path: resolve_store(path) for path in paths}
+    distinct = sorted(set(stores.values()))
+    if len(distinct) > 1:
+        listing = "; ".join(f"{path} -> {store}" for path, store in stores.items())
+        raise UIError(f"paths in {len(distinct)} different MLflow stores ({listing}): one at once")
+    return distinct[0]
+
+
+def ui_command(store: Path, *, host: str = DEFAULT_HOST, port: int = 5000) -> list[str]:
+    """The ``mlflow server`` argument list for one sqlite store file."""
     return [
         sys.executable, "-m", "mlflow", "server",
         "--host", host, "--port", str(port), "--workers", "1",
-        "--backend-store-uri", default_tracking_uri(run_dir),
+        "--backend-store-uri", f"sqlite:///{store}",
     ]  # fmt: skip
+
+
+def selected_experiment(store: Path, folders: list[Path]) -> str | None:
+    """The experiment to open: the one holding the given run folders' runs, else the latest run's."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{store}")
+    experiments = client.search_experiments()
+    runs = client.search_runs([e.experiment_id for e in experiments], order_by=["attributes.start_time DESC"])
+    wanted = {str(folder.resolve()) for folder in folders if folder.resolve().parent == store.parent}
+    for run in runs:
+        output_dir = run.data.params.get("run.output_dir")
+        if wanted and output_dir and str(Path(output_dir).resolve()) in wanted:
+            return run.info.experiment_id
+    return runs[0].info.experiment_id if runs else None
 
 
 def _check_port(host: str, port: int) -> None:
@@ -73,13 +110,14 @@ def _check_port(host: str, port: int) -> None:
             ) from None
 
 
-def serve(run_dir: Path, *, host: str = DEFAULT_HOST, port: int = 5000) -> int:
-    """Run the MLflow UI in the foreground until Ctrl-C or SIGTERM; returns the server's exit code.
+def serve(paths: list[Path], *, host: str = DEFAULT_HOST, port: int = 5000) -> int:
+    """Run the MLflow UI of the store ``paths`` name, until Ctrl-C or SIGTERM; returns the exit code.
 
     The server runs in its own process group (MLflow starts worker processes): Ctrl-C and SIGTERM to
     this command stop the whole group, so no server is left listening after it.
     """
-    command = ui_command(run_dir, host=host, port=port)
+    store = resolve_one_store(paths)
+    command = ui_command(store, host=host, port=port)
     if not is_loopback(host):
         log.warning(
             "binding the MLflow UI to %s: it has no authentication, anyone who reaches port %d can read "
@@ -88,7 +126,10 @@ def serve(run_dir: Path, *, host: str = DEFAULT_HOST, port: int = 5000) -> int:
             port,
         )
     _check_port(host, port)
-    print(f"MLflow UI of {run_dir} on http://{host}:{port} (Ctrl-C stops it)", flush=True)
+    experiment = selected_experiment(store, paths)
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{port}/" + (f"#/experiments/{experiment}" if experiment else "")
+    print(f"MLflow UI of {store} on {url} (Ctrl-C stops it)", flush=True)
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no extra job-runner workers
     server = subprocess.Popen(command, env=env, start_new_session=True)
     stopping: list[int] = []

@@ -67,10 +67,10 @@ def test_sbatch_train_completes_with_a_checkpoint_and_an_mlflow_run(slurm, tiny_
 
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")  # the run folder's parent's
     (run,) = client.search_runs([client.get_experiment_by_name("slurm-study").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
-    assert "miou" in run.data.metrics
+    assert "mIoU" in run.data.metrics
 
 
 def test_pre_timeout_signal_checkpoints_requeues_and_resumes(slurm, tiny_overrides, tmp_path):

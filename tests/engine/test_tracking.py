@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from PIL import Image
 from torchrun_helpers import clean_env, free_port
 
 from damformer.config import load_config
+from damformer.data.shard_io import sha256_file
 from damformer.engine.train import Trainer
 from damformer.tracking.figures import confusion_png
 from damformer.tracking.mlflow_tracker import experiment_family
@@ -100,15 +102,13 @@ def test_a_real_server_receives_params_metrics_and_artifacts(mlflow_server, tiny
     history = _api(mlflow_server, "metrics/get-history", run_id=run_id, metric_key="loss_source")["metrics"]
     assert sorted(m["step"] for m in history) == [1, 2]
     latest = {m["key"]: m for m in run["data"]["metrics"]}
-    assert {"lr", "pseudo_confidence", "throughput_samples_per_s", "memory_cpu_peak_mb", "miou"} <= set(
-        latest
-    )
-    assert any(key.startswith("iou_") for key in latest)
-    assert latest["miou"]["value"] == pytest.approx(
-        json.loads((tmp_path / "run" / "scores.json").read_text())["miou"]
+    assert {"lr", "pseudo_confidence", "throughput samples/s", "mIoU", "mIoU without other"} <= set(latest)
+    assert any(key.startswith("IoU/") for key in latest)
+    assert latest["mIoU"]["value"] == pytest.approx(
+        100 * json.loads((tmp_path / "run" / "scores.json").read_text())["miou"]  # in percent
     )
     listed = {f["path"] for f in _api(mlflow_server, "artifacts/list", run_id=run_id).get("files", [])}
-    assert {"config.yaml", "history.json", "figures", "checkpoint"} <= listed
+    assert {"config.yaml", "history.json", "figures"} <= listed and "checkpoint" not in listed
     figures = _api(mlflow_server, "artifacts/list", run_id=run_id, path="figures")["files"]
     assert {f["path"] for f in figures} == {"figures/confusion_matrix.png", "figures/prediction_mosaic.png"}
     assert all(int(f["file_size"]) > 5000 for f in figures)
@@ -134,7 +134,7 @@ def test_local_store_by_default_and_a_resumed_run_continues_its_mlflow_run(tiny_
 
     overrides = tiny_overrides(tmp_path / "run", **{**QUICK, "optim": {"max_iters": 3}})
     Trainer(load_config(None, overrides)).run(stop_after=1)
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")  # the parent folder's store
     (run,) = client.search_runs([client.get_experiment_by_name("damformer").experiment_id])
     assert run.info.status == "KILLED" and run.data.tags["damformer.stopped_at"] == "1"
     Trainer(load_config(None, overrides)).run(resume=True)
@@ -142,7 +142,7 @@ def test_local_store_by_default_and_a_resumed_run_continues_its_mlflow_run(tiny_
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss_source")]
     assert sorted(steps) == [1, 2, 3]
-    assert (tmp_path / "run" / "mlruns").is_dir()  # artifacts next to the store, not in the cwd
+    assert (tmp_path / "mlartifacts").is_dir()  # artifacts next to the store, not in the cwd
     for name in ("confusion_matrix.png", "prediction_mosaic.png"):
         with Image.open(tmp_path / "run" / name) as image:
             assert image.format == "PNG" and min(image.size) > 300
@@ -160,7 +160,8 @@ def test_experiment_family_and_confusion_png(tmp_path):
     assert not list(tmp_path.glob(".*tmp*")), "temporary file left behind"
 
 
-def test_compare_prints_runs_side_by_side_from_folders_and_from_mlflow(tiny_overrides, tmp_path):
+def test_runs_side_by_side_share_one_store_for_compare_and_the_ui(tiny_overrides, tmp_path):
+    """Two trainings with no tracking option land in their parent folder's store, read as a user would."""
     from damformer.cli import main
 
     for name, uda in (("source_only", False), ("uda", True)):
@@ -178,7 +179,7 @@ def test_compare_prints_runs_side_by_side_from_folders_and_from_mlflow(tiny_over
     assert "DAM-Former" in uda_line and "rgbne+T  UDA" in uda_line and f"{100 * miou:.1f}" in uda_line
     assert "source only" in next(line for line in lines if line.startswith("source_only "))
 
-    uri = f"sqlite:///{tmp_path / 'uda' / 'mlflow.db'}"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # both runs' default store: their parent folder's
     from_mlflow = subprocess.run(
         [sys.executable, "-m", "damformer", "compare", "--tracking-uri", uri, "--experiment", "study"],
         capture_output=True, text=True, check=False,
@@ -191,3 +192,45 @@ def test_compare_prints_runs_side_by_side_from_folders_and_from_mlflow(tiny_over
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert missing.returncode != 0 and "no experiment 'other' (there: " in missing.stderr
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("study")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.params["run.output_dir"] for r in runs) == sorted(folders)  # one experiment, both
+    for run in runs:
+        folder = Path(run.data.params["run.output_dir"])
+        scores = json.loads((folder / "scores.json").read_text())
+        assert run.data.params["optim.max_iters"] == "2" and run.info.status == "FINISHED"
+        assert run.data.metrics["mIoU"] == pytest.approx(100 * scores["miou"])  # percent, as tables print
+        assert run.data.metrics["accuracy"] == pytest.approx(100 * scores["accuracy"])
+        assert all(0 <= v <= 100 for k, v in run.data.metrics.items() if k.startswith("IoU/"))
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "history.json", "figures"} <= artifacts and "checkpoint" not in artifacts
+        assert run.data.tags["checkpoint.sha256"] == sha256_file(folder / "checkpoint.pt")  # a reference
+    assert (tmp_path / "mlartifacts").is_dir() and not list(tmp_path.glob("*/mlflow.db"))
+
+    port = free_port()
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "damformer", "ui", str(tmp_path), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(), start_new_session=True,
+    )  # fmt: skip
+    try:
+        announced = ui.stdout.readline()
+        assert f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}" in announced, announced
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                served = _api(base, "runs/search", {"experiment_ids": [experiment.experiment_id]})
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert ui.poll() is None and time.monotonic() < deadline, ui.stderr.read()
+                time.sleep(0.5)
+        assert len(served["runs"]) == 2
+        listed = _api(base, "artifacts/list", run_id=runs[0].info.run_id).get("files", [])
+        assert "figures" in {f["path"] for f in listed}
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        assert ui.wait(timeout=30) == 0  # Ctrl-C / SIGTERM stop the server group cleanly

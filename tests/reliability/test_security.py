@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from damformer.engine.checkpoint import CheckpointError, load_checkpoint
-from damformer.tracking.ui import UIError, is_loopback, ui_command
+from damformer.tracking.ui import UIError, is_loopback, resolve_one_store, ui_command
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -96,8 +96,9 @@ def test_the_ui_server_binds_to_the_loopback_by_default(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    tracker = Tracker(f"sqlite:///{run / 'mlflow.db'}", "security", "a run", artifact_root=run / "mlruns")
-    tracker.log_metrics({"miou": 0.5}, step=1)
+    store = f"sqlite:///{run / 'mlflow.db'}"
+    tracker = Tracker(store, "security", "a run", artifact_root=run / "mlartifacts")
+    tracker.log_metrics({"mIoU": 50.0}, step=1)
     tracker.finish()
     assert tracker.run_id is not None
     port = _free_port()
@@ -123,11 +124,20 @@ def test_the_ui_server_binds_to_the_loopback_by_default(tmp_path):
         server.wait()
 
 
-def test_ui_refuses_a_folder_without_a_store_and_warns_off_the_loopback(tmp_path):
-    with pytest.raises(UIError, match="no MLflow store in this run folder"):
-        ui_command(tmp_path)
-    (tmp_path / "mlflow.db").write_bytes(b"")
-    command = ui_command(tmp_path)
+def test_ui_finds_the_store_refuses_none_or_two_and_binds_the_loopback(tmp_path):
+    folder = tmp_path / "runs"
+    (folder / "uda").mkdir(parents=True)
+    with pytest.raises(UIError, match="no MLflow store"):
+        resolve_one_store([folder / "uda"])
+    (folder / "mlflow.db").write_bytes(b"")
+    store = (folder / "mlflow.db").resolve()
+    for path in (folder, folder / "uda", folder / "mlflow.db"):  # a folder of runs, a run, the file
+        assert resolve_one_store([path]) == store
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "mlflow.db").write_bytes(b"")
+    with pytest.raises(UIError, match="paths in 2 different MLflow stores"):
+        resolve_one_store([folder / "uda", tmp_path / "other"])
+    command = ui_command(store)
     assert command[command.index("--host") + 1] == "127.0.0.1"
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3")
@@ -137,7 +147,8 @@ def _tracked_run(folder: Path) -> Path:
     from damformer.tracking.mlflow_tracker import Tracker
 
     folder.mkdir()
-    tracker = Tracker(f"sqlite:///{folder / 'mlflow.db'}", "ui", "a run", artifact_root=folder / "mlruns")
+    store = f"sqlite:///{folder / 'mlflow.db'}"
+    tracker = Tracker(store, "ui", "a run", artifact_root=folder / "mlartifacts")
     tracker.finish()
     return folder
 

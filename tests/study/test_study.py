@@ -101,7 +101,7 @@ def test_the_miniature_study_end_to_end(study_sets, tiny_shards, tmp_path, capsy
     assert tagged == {(f"{name} {inputs}", inputs, seed) for name, inputs in networks for seed in ("0", "1")}
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.md", "results.csv", "runs.csv", "figure.png"} <= artifacts
-    assert parent.data.metrics[f"miou13/{rows[0]['configuration']}"] == pytest.approx(
+    assert parent.data.metrics[f"mIoU mean/{rows[0]['configuration']}"] == pytest.approx(
         float(rows[0]["miou13_mean"]), abs=1e-3
     )
 
