@@ -3,10 +3,14 @@
 Writes a full-size miniature FLAIR-2 (512 px patches, 14-26 Sentinel-2 dates per zone), shards it, then
 times, in alternating rounds within one process (one core: ``num_workers=0``):
 
-* raw:   ``RawTreeDataset`` (rasterio GeoTIFF reads, superpatch crop, cloud filter, monthly means) + collate
-* shard: ``ShardLoader`` over the shards (tar stream, decode, collate)
+* raw:        ``RawTreeDataset`` (rasterio GeoTIFF reads, superpatch crop, cloud filter, monthly means)
+* shard:      ``ShardLoader`` over the shards (memory-mapped tar, zero-copy members, decode, collate)
+* webdataset: ``damformer.data.webdataset_pipeline`` over the same shards (webdataset's tar reader,
+              the same decode and collate)
 
-both producing identical batches, and prints samples/s and the ratio (target: shard >= 5x raw per core).
+all producing the same batches, and prints samples/s and the ratios (target: shard >= 5x raw per
+core). The shard loader's sha256 check of each shard (once per training process, before its first
+epoch) is timed on its own line: the rounds read with ``verify="never"``, as every later epoch does.
 It also prints the sharding throughput and, per field, the size and decode time of the candidate
 encodings that justify the shard format.
 
@@ -35,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_json
 
-from damformer.data import Flair2Dataset
+from damformer.data import Flair2Dataset, webdataset_pipeline
 from damformer.data.collate import collate_samples
 from damformer.data.folder import RawTreeDataset
 from damformer.data.loader import LoaderOptions, ShardLoader, ShardSet
@@ -55,9 +59,17 @@ def _time_raw(root: Path, augment: bool) -> tuple[float, int]:
     return time.perf_counter() - start, count
 
 
-def _time_shards(shards: Path, augment: bool) -> tuple[float, int]:
-    options = LoaderOptions(batch_size=BATCH, augment=augment, pad=False, shuffle_buffer=16)
+def _time_shards(shards: Path, augment: bool, verify: str = "never") -> tuple[float, int]:
+    options = LoaderOptions(batch_size=BATCH, augment=augment, pad=False, shuffle_buffer=16, verify=verify)
     loader = ShardLoader(ShardSet(shards), options, num_workers=0)
+    start = time.perf_counter()
+    count = sum(len(batch["keys"]) for batch in loader)
+    return time.perf_counter() - start, count
+
+
+def _time_webdataset(shards: Path) -> tuple[float, int]:
+    pipeline = webdataset_pipeline(shards, shuffle=16).batched(BATCH, collation_fn=collate_samples)
+    loader = DataLoader(pipeline, batch_size=None, num_workers=0)
     start = time.perf_counter()
     count = sum(len(batch["keys"]) for batch in loader)
     return time.perf_counter() - start, count
@@ -141,13 +153,18 @@ def main() -> None:
         shard_seconds = time.perf_counter() - start
         count = manifest["num_samples"]
 
-        results: dict[str, list[float]] = {"raw": [], "shard": [], "raw+aug": [], "shard+aug": []}
-        _time_raw(root, False)  # warm the page cache for both: compare decode work, not the disk
+        results: dict[str, list[float]] = {
+            "raw": [], "shard": [], "webdataset": [], "raw+aug": [], "shard+aug": [], "shard+sha256": []
+        }  # fmt: skip
+        _time_raw(root, False)  # warm the page cache for all: compare decode work, not the disk
         _time_shards(shards, False)
+        _time_webdataset(shards)
         for _ in range(args.rounds):
             for name, run in (
                 ("raw", lambda: _time_raw(root, False)),
                 ("shard", lambda: _time_shards(shards, False)),
+                ("webdataset", lambda: _time_webdataset(shards)),
+                ("shard+sha256", lambda: _time_shards(shards, False, verify="always")),
                 ("raw+aug", lambda: _time_raw(root, True)),
                 ("shard+aug", lambda: _time_shards(shards, True)),
             ):
@@ -172,6 +189,11 @@ def main() -> None:
         f"target >= 5x: {'met' if ratio >= 5 else 'MISSED'}"
     )
     augment_ms = 1e3 * (1 / rate["shard+aug"] - 1 / rate["shard"])
+    over_wds = rate["shard"] / rate["webdataset"]
+    print(
+        f"ratio shard/webdataset pipeline (same decode and collate): {over_wds:.2f}x; "
+        f"the first epoch's sha256 check of every shard: {rate['shard+sha256']:.1f} samples/s"
+    )
     print(
         f"with flips/rot90 on both paths: {ratio_aug:.2f}x (the augmentation itself costs "
         f"{augment_ms:.2f} ms per sample on either path: uint8 transposes)"
@@ -187,6 +209,7 @@ def main() -> None:
             "samples_per_s": rate,
             "shard_over_raw": ratio,
             "shard_over_raw_augmented": ratio_aug,
+            "shard_over_webdataset": over_wds,
             "sharding_patches_per_s": count / shard_seconds,
             "shard_bytes_per_sample": shard_bytes,
             "raw_bytes_per_sample": raw_bytes,

@@ -98,3 +98,16 @@ def test_the_uda_benchmark_runs_end_to_end_and_writes_its_results(tmp_path):
     assert result["uda_over_supervised"] > 1.0  # UDA adds a teacher pass and a mixed pass
     assert result["peak_bytes"]["uda"] > 0 and result["peak_bytes"]["supervised"] > 0
     assert result["gflop"] > 0
+
+
+def test_the_loader_benchmark_compares_our_reader_webdataset_and_the_raw_tree(tmp_path):
+    out = tmp_path / "loader.json"
+    command = [sys.executable, str(BENCHMARKS / "bench_loader.py"), "--patches", "4", "--rounds", "1"]
+    completed = subprocess.run(
+        [*command, "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "ratio shard/webdataset pipeline" in completed.stdout
+    rates = json.loads(out.read_text())["samples_per_s"]
+    assert {"raw", "shard", "webdataset", "shard+sha256"} <= set(rates)  # every reader read every sample
+    assert all(rate > 0 for rate in rates.values())

@@ -1,12 +1,10 @@
-"""Tar shard I/O: deterministic writing and validated streaming reads of WebDataset-style samples."""
+"""Tar shard I/O: deterministic writing (webdataset's TarWriter) and validated zero-copy streaming reads."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import mmap
 import os
-import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -17,19 +15,18 @@ Encoded = dict[str, bytes | memoryview]
 
 
 def write_tar(path: Path, samples: Iterable[tuple[str, Encoded]]) -> None:
-    """Write samples to ``path`` (the caller renames it into place).
+    """Write samples to ``path`` with webdataset's TarWriter (the caller renames it into place).
 
-    Members carry no time or owner, so the same samples always give the same bytes and the same sha256.
+    Members carry no time and no owner (mtime 0, empty user and group), and TarWriter writes a sample's
+    members in sorted order, so the same samples always give the same bytes and the same sha256. The
+    bytes are already encoded (``encode_sample``): TarWriter's own encoders are off.
     """
-    with path.open("wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, files in samples:
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                info.mtime = 0
-                info.mode = 0o644
-                tar.addfile(info, io.BytesIO(data))
-        tar.close()
+    from webdataset import TarWriter  # imported here: reading shards never needs it
+
+    with path.open("wb") as raw:
+        with TarWriter(raw, user="", group="", mode=0o644, encoder=False, mtime=0) as writer:
+            for key, files in samples:
+                writer.write({"__key__": key, **files})
         raw.flush()
         os.fsync(raw.fileno())
 

@@ -245,21 +245,24 @@ def damaged_shards(tiny_root, tmp_path):
 
 def test_corrupt_shard_raises_naming_it(damaged_shards):
     out, name, _ = damaged_shards
+    with pytest.raises(ShardFormatError, match=f"{name}: size: expected .* bytes \\(manifest\\), found 3000"):
+        list(ShardLoader(ShardSet(out), LoaderOptions(batch_size=1, shuffle_buffer=1)))  # checked first
+    unverified = LoaderOptions(batch_size=1, shuffle_buffer=1, verify="never")  # the reader's own check
     with pytest.raises(ShardFormatError, match=f"{name}: corrupt or truncated tar"):
-        list(ShardLoader(ShardSet(out), LoaderOptions(batch_size=1, shuffle_buffer=1)))
+        list(ShardLoader(ShardSet(out), unverified))
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_corrupt_shard_is_skipped_and_counted(damaged_shards, num_workers, caplog):
+@pytest.mark.parametrize(("num_workers", "verify"), [(0, "first"), (0, "never"), (2, "never")])
+def test_corrupt_shard_is_skipped_and_counted(damaged_shards, num_workers, verify, caplog):
     out, name, intact_keys = damaged_shards
-    loader = ShardLoader(
-        ShardSet(out), LoaderOptions(batch_size=1, on_error="skip", pad=False), num_workers=num_workers
-    )
+    options = LoaderOptions(batch_size=1, on_error="skip", pad=False, verify=verify)
+    loader = ShardLoader(ShardSet(out), options, num_workers=num_workers)
     keys = [k for b in loader for k in b["keys"]]
     assert sorted(keys) == sorted(intact_keys)  # the intact shard, whole
     assert loader.skipped == 1
     if num_workers == 0:
-        assert f"skipping the rest of {name}" in caplog.text
+        expected = f"skipping {name} (not read)" if verify == "first" else f"skipping the rest of {name}"
+        assert expected in caplog.text
 
 
 def test_missing_manifest_is_a_clear_error(tmp_path):

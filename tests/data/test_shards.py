@@ -122,12 +122,25 @@ def test_manifest_records_checksums_class_counts_and_band_stats(demo_root, demo_
     assert params["split"] == "train" and params["domains"] == ["D032_2019", "D081_2020"]
 
 
-def test_sharding_is_deterministic_and_parallel_workers_give_the_same_bytes(tiny_root, tmp_path):
+def test_sharding_is_deterministic_and_parallel_workers_give_the_same_bytes(tiny_root, tmp_path, monkeypatch):
     dataset = Flair2Dataset(tiny_root)
+    written: list[str] = []
+    real_write = webdataset.TarWriter.write
+
+    def spy(self, sample):  # the shards go through webdataset's writer
+        written.append(sample["__key__"])
+        return real_write(self, sample)
+
+    monkeypatch.setattr(webdataset.TarWriter, "write", spy)
     one = write_shards(dataset, tmp_path / "a", ShardWriteOptions(max_samples=1))
+    assert sorted(written) == sorted(one_key for s in one["shards"] for one_key in s["keys"])
+    later = time.time() + 86400  # a day later: no clock time may reach the bytes
+    monkeypatch.setattr(time, "time", lambda: later)
     two = write_shards(dataset, tmp_path / "b", ShardWriteOptions(max_samples=1, workers=2))
     assert one["written"] == two["written"] == 4
     assert [s["sha256"] for s in one["shards"]] == [s["sha256"] for s in two["shards"]]
+    for shard in one["shards"]:
+        assert (tmp_path / "a" / shard["name"]).read_bytes() == (tmp_path / "b" / shard["name"]).read_bytes()
 
 
 def test_rerun_skips_verified_shards_and_rewrites_damaged_ones(tiny_root, tmp_path):
@@ -340,6 +353,33 @@ def test_webdataset_reads_our_shards(demo_shards):
     for sample in samples:
         files = {k: v for k, v in sample.items() if not k.startswith("__")}
         assert files == ours[sample["__key__"]]
+
+
+def test_the_documented_webdataset_pipeline_decodes_the_package_samples(demo_shards):
+    from damformer.data import webdataset_pipeline
+    from damformer.data.augment import training_sample
+    from damformer.data.collate import collate_samples
+    from damformer.data.shard_format import decode_sample
+
+    manifest = load_manifest(demo_shards)
+    keys = [key for shard in manifest["shards"] for key in shard["keys"]]
+    samples = list(webdataset_pipeline(demo_shards))  # a shard-set folder: its shards in order
+    assert isinstance(webdataset_pipeline(demo_shards), webdataset.WebDataset)
+    assert [s["key"] for s in samples] == keys
+    tar = demo_shards / manifest["shards"][0]["name"]
+    ours = {
+        k: training_sample(decode_sample(f, key=k, shard=tar.name, masks=False))
+        for k, f in iter_tar_samples(tar)
+    }
+    for sample in samples[: len(ours)]:
+        expected = ours[sample["key"]]
+        assert set(sample) - {"__key__"} == set(expected) and sample["domain"] == expected["domain"]
+        for name in ("aerial", "label", "s2", "s2_day_offsets"):
+            np.testing.assert_array_equal(sample[name], expected[name])
+    shuffled = [s["key"] for s in webdataset_pipeline([str(tar)], shuffle=4, seed=1)]
+    assert sorted(shuffled) == sorted(ours) and shuffled != list(ours)  # a tar path, shuffled
+    batch = next(iter(webdataset_pipeline(demo_shards).batched(3, collation_fn=collate_samples)))
+    assert batch["aerial"].shape[0] == 3 and batch["s2"].shape[:1] == (3,) and batch["keys"] == keys[:3]
 
 
 def test_parse_size():
