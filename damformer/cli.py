@@ -18,6 +18,7 @@ from pathlib import Path
 
 from damformer import __version__
 from damformer.errors import DamformerError
+from damformer.logs import configure_logging, process_rank
 from damformer.progress import set_quiet
 
 log = logging.getLogger("damformer")
@@ -679,8 +680,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'damformer COMMAND --help' for the options and an example of each command.",
     )
     parser.add_argument("--version", action="version", version=f"damformer {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress and no INFO lines")
+    parser.add_argument(
+        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: INFO, WARNING with -q"
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     synth = commands.add_parser(
@@ -737,16 +740,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             argv[index : index + 2] = ["shard-verify"]
             break
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if args.log_level != "DEBUG":  # MLflow's store migrations and DeepSpeed's banners are not our story
-        for noisy in ("mlflow", "alembic", "DeepSpeed"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(args.log_level, quiet=args.quiet)
     set_quiet(args.quiet)
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
     except (DamformerError, _OptionError) as exc:
-        print(f"damformer {args.command}: error: {exc}", file=sys.stderr)
+        rank = process_rank()  # under torchrun every rank reports: say which one
+        where = f"damformer {args.command}" + (f" (rank {rank})" if rank else "")
+        print(f"{where}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"damformer {args.command}: interrupted", file=sys.stderr)

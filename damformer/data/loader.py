@@ -41,6 +41,7 @@ from damformer.data.manifest import load_manifest
 from damformer.data.shard_format import ShardFormatError, decode_sample
 from damformer.data.shard_io import Encoded, iter_tar_samples, sha256_file
 from damformer.errors import ConfigError, DamformerError
+from damformer.logs import RANK_LOCAL
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +289,7 @@ class ShardStream(IterableDataset):
                     if self.options.on_error == "raise":
                         raise
                     self.skipped += 1
-                    log.warning("skipping %s (not read): %s", shard.path.name, exc)
+                    log.warning("skipping %s (not read): %s", shard.path.name, exc, extra=RANK_LOCAL)
                     continue
             try:
                 for index, (key, files) in enumerate(iter_tar_samples(shard.path)):
@@ -298,7 +299,7 @@ class ShardStream(IterableDataset):
                 if self.options.on_error == "raise":
                     raise
                 self.skipped += 1
-                log.warning("skipping the rest of %s: %s", shard.path.name, exc)
+                log.warning("skipping the rest of %s: %s", shard.path.name, exc, extra=RANK_LOCAL)
 
     def _shuffled(self, units: Sequence[Unit], reader: int) -> Iterator[tuple[str, Encoded, str]]:
         rng = np.random.default_rng([self.options.seed, self.epoch, reader, 29])
@@ -321,7 +322,7 @@ class ShardStream(IterableDataset):
             if self.options.on_error == "raise":
                 raise
             self.skipped += 1
-            log.warning("skipping sample: %s", exc)
+            log.warning("skipping sample: %s", exc, extra=RANK_LOCAL)
             return None
         sample["valid"] = valid
         return sample

@@ -153,8 +153,12 @@ class DataParallel(Strategy):
 
     def __init__(self, model: nn.Module, config: RunConfig, **kwargs: Any) -> None:
         super().__init__(model, config, **kwargs)
-        # MIC's loss reads only the HR output: a model with an LR head leaves it unused there.
-        unused = config.dist.find_unused_parameters or (config.uda.enabled and config.uda.mic)
+        # DDP's contract: every parameter gets a gradient in every backward. MIC's loss touches the LR
+        # head with a zero weight for that (uda/dacs.py); an LR head that no loss trains (the no-ML
+        # ablation, uda.lr_weight 0) needs DDP's search for unused parameters, which costs a graph
+        # traversal per backward and warns on every rank when it finds nothing.
+        lr_head_untrained = getattr(model, "lr_head", None) is not None and config.uda.lr_weight == 0
+        unused = config.dist.find_unused_parameters or lr_head_untrained
         self.ddp = torch.nn.parallel.DistributedDataParallel(
             model,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,

@@ -11,11 +11,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from damformer.models.depthwise import DepthwiseConv2d
+
 
 def conv_bn_relu(
     in_ch: int, out_ch: int, kernel: int = 1, *, dilation: int = 1, groups: int = 1
 ) -> nn.Sequential:
     """Conv (no bias: a norm follows) + BatchNorm + ReLU, 'same' padding."""
+    if groups > 1 and groups == in_ch == out_ch:  # depthwise: see DepthwiseConv2d for why not nn.Conv2d
+        conv = DepthwiseConv2d(in_ch, kernel, dilation=dilation, bias=False)
+        return nn.Sequential(conv, nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
     return nn.Sequential(
         nn.Conv2d(
             in_ch,

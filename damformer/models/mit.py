@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from damformer.models.depthwise import DepthwiseConv2d
+
 
 @dataclass(frozen=True)
 class MiTSpec:
@@ -97,7 +99,7 @@ class MixFFN(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.dwconv = DepthwiseConv2d(hidden, 3)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x_bnc: torch.Tensor, height: int, width: int) -> torch.Tensor:  # noqa: D102
@@ -188,5 +190,9 @@ def _init_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.Conv2d):
         fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
         nn.init.normal_(module.weight, std=(2.0 / fan_out) ** 0.5)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, DepthwiseConv2d):  # fan-out of a depthwise conv: its kernel's area
+        nn.init.normal_(module.weight, std=(2.0 / module.kernel_size**2) ** 0.5)
         if module.bias is not None:
             nn.init.zeros_(module.bias)

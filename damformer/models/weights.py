@@ -192,6 +192,15 @@ def load_mit_weights(encoder: torch.nn.Module, path: Path | str, *, strict: bool
         tensors[first] = inflate_first_conv(tensors[first], own_bands)
         report.adapted.append(f"{first} (3 -> {own_bands} bands)")
     for key, value in tensors.items():
+        if (
+            key in own
+            and value.dim() == 4
+            and value.shape[1] == 1
+            and own[key].shape == value.squeeze(1).shape
+        ):
+            tensors[key] = value = value.squeeze(
+                1
+            )  # a depthwise kernel, stored (C, k, k) here (depthwise.py)
         if key in own and own[key].shape != value.shape:
             raise DamformerError(
                 f"{path}: {key}: expected shape {tuple(own[key].shape)}, found {tuple(value.shape)} "

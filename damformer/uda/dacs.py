@@ -235,6 +235,9 @@ class SelfTraining(nn.Module):
             with self.autocast():
                 mic_out = self.student_forward(*model_inputs(masked))
                 mic_loss = self.config.mic_weight * weighted_cross_entropy(mic_out["hr"], labels, weight)
+                if mic_out.get("lr") is not None and self.config.lr_weight > 0:
+                    # zero gradients for the LR head: DDP expects one for every parameter (strategy.py)
+                    mic_loss = mic_loss + 0.0 * mic_out["lr"].sum()
             metrics["loss_mic"] = mic_loss.detach()
             backward(mic_loss * scale)
         return metrics

@@ -210,3 +210,32 @@ def test_fp16_overflow_step_is_skipped_and_counted(tiny_overrides, tmp_path):
     trainer.uda.forward_backward = original
     trainer.step()
     assert trainer.flush_metrics()[-1]["overflow_steps"] == 1.0  # a finite step goes through again
+
+
+def test_two_ranks_speak_with_one_voice(tiny_overrides, tmp_path):
+    """Under torchrun each warning appears once, INFO lines come from rank 0, no DDP layout warnings."""
+    overrides = tiny_overrides(
+        tmp_path / "run",
+        model={"backbone": "mit_b2"},  # from scratch at b2: a warning every rank's config check raises
+        uda={"mic": True},
+        optim={"max_iters": 2},
+        eval={"interval": 0},
+        log={"tracking": True},
+    )
+    command = torchrun(standalone(), overrides)
+    del command[command.index("-q") : command.index("-q") + 3]  # the default output: progress, INFO lines
+    env = {k: v for k, v in clean_env().items() if k != "DAMFORMER_QUIET"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = result.stderr.splitlines()
+    warnings = [line for line in lines if "WARNING" in line or "Warning" in line]
+    assert any("model.pretrained=none: the mit_b2 encoder" in line for line in warnings), result.stderr
+    repeated = {line for line in warnings if warnings.count(line) > 1}
+    assert not repeated, f"warnings repeated per rank: {repeated}"
+    assert not [line for line in lines if "[rank 1]" in line or "[rank1]" in line], result.stderr
+    assert not [line for line in lines if "Grad strides" in line or "find_unused_parameters" in line]
+    assert sum(line.startswith("INFO damformer.engine.train: it 2/2") for line in lines) == 1
+    assert not [
+        line for line in lines if "mlflow" in line.lower() and "INFO" in line and "damformer" not in line
+    ]
+    assert "\r" not in result.stderr  # progress as whole lines in a log, not carriage-return redraws

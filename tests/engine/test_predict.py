@@ -211,6 +211,28 @@ def test_bad_inputs_fail_before_any_compute(checkpoints, tiny_shards, tmp_path, 
         assert pred.shape == (128, 128) and pred.read().max() <= 12
 
 
+def test_predict_writes_maps_without_gdal_noise_on_stderr(checkpoints, tiny_shards, tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    from torchrun_helpers import clean_env
+
+    command = [sys.executable, "-m", "damformer", "predict", "--checkpoint", str(checkpoints["temporal"])]
+    command += ["--src", str(_root(tiny_shards)), "--out", str(tmp_path / "maps"), "--domains", "north"]
+    result = subprocess.run(
+        [*command, "--probabilities", "--quicklook"],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list((tmp_path / "maps").rglob("PRED_*.tif"))
+    noise = re.compile(r"GDAL|CPLE_|PhotometricInterpretation|^(ERROR|Warning) \d+:|rasterio")
+    assert not [line for line in result.stderr.splitlines() if noise.search(line)], result.stderr
+
+
 def test_torchrun_splits_the_patches_across_ranks(checkpoints, tiny_shards, tmp_path):
     import subprocess
     import sys

@@ -54,7 +54,7 @@ def clean_env() -> dict[str, str]:
 
 def torchrun(launcher_args: list[str], overrides: list[str], *extra: str) -> list[str]:
     command = [sys.executable, "-m", "torch.distributed.run", *launcher_args]
-    command += ["-m", "damformer", "-q", "train", "/dev/null", *extra]
+    command += ["-m", "damformer", "-q", "--log-level", "INFO", "train", "/dev/null", *extra]  # INFO: resumes
     for assignment in overrides:
         command += ["--set", assignment]
     return command

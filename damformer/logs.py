@@ -1,0 +1,56 @@
+"""Logging of the ``damformer`` command: one voice per job under torchrun, quiet when asked.
+
+Rank 0 logs everything at the chosen level. Other ranks would repeat it (the same config warning,
+the same MLflow line, the same PyTorch UserWarning once per process), so they log only errors and
+warnings about themselves: a record logged with ``extra=RANK_LOCAL`` (e.g. a corrupt shard that only
+this rank's reader met), prefixed with the rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+RANK_LOCAL = {"rank_local": True}  # pass as ``extra=``: a warning about this rank alone
+FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+def process_rank() -> int:
+    """This process's global rank under torchrun (``RANK``), 0 otherwise."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+class _OwnWarningsOnly(logging.Filter):
+    """On ranks other than 0: errors, and warnings marked rank-local."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or bool(getattr(record, "rank_local", False))
+
+
+def configure_logging(level: str, *, quiet: bool) -> None:
+    """Log to stderr at ``level`` (``quiet``: WARNING unless a level was asked for), one voice per job.
+
+    Args:
+        level: DEBUG, INFO, WARNING or ERROR; None: INFO, or WARNING with ``quiet``.
+        quiet: ``-q``: no INFO lines (and, elsewhere, no progress).
+    """
+    level = level or ("WARNING" if quiet else "INFO")
+    rank = process_rank()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter(FORMAT if rank == 0 else f"%(levelname)s [rank {rank}] %(name)s: %(message)s")
+    )
+    if rank != 0:
+        handler.addFilter(_OwnWarningsOnly())
+        warnings.simplefilter("ignore")  # library UserWarnings: rank 0 shows each one
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    if level != "DEBUG":  # MLflow's store migrations and DeepSpeed's banners are not our story
+        # MLflow installs its own handler and level when imported: its variable is the way to set it
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        for noisy in ("mlflow", "alembic", "DeepSpeed"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
