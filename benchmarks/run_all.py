@@ -4,7 +4,7 @@ Each script prints its own detailed tables as it goes (shown here) and writes a 
 at the end gathers the ratios. Ratios come from candidates measured side by side in one run; the
 absolute times are for orientation only.
 
-    python benchmarks/run_all.py                     # CPU suite: about 12 minutes on 2 cores
+    python benchmarks/run_all.py                     # the CPU suite (make bench; time: RESULTS.md)
     python benchmarks/run_all.py --only uda model    # a subset
     python benchmarks/run_all.py --device cuda       # the GPU variants (model, UDA with AMP, compile)
     python benchmarks/run_all.py --out benchmarks/last-run   # keep the JSON files

@@ -252,7 +252,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.stop_after is not None and args.stop_after < 1:
         raise _OptionError(f"--stop-after {args.stop_after}: expected an iteration >= 1")
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, args.set, overlays=args.overlays)
     if args.output_dir is not None:
         config.run.output_dir = str(args.output_dir)
     _writable_folder(Path(config.run.output_dir), "--output-dir" if args.output_dir else "run.output_dir")
@@ -523,10 +523,19 @@ def _add_training_parsers(commands: argparse._SubParsersAction) -> None:
         "  damformer train configs/demo/damformer.yaml\n"
         "  damformer train configs/demo/damformer.yaml --set optim.max_iters=100 --set uda.enabled=false\n"
         "  damformer train configs/demo/damformer.yaml --resume\n"
+        "  damformer train configs/ablation/damformer-rgbne-t.yaml configs/ablation/miniature.yaml"
+        "   # an ablation cell on the miniature\n"
         "\nSIGTERM, SIGUSR1 or the file named by DAMFORMER_STOP_FILE stops the run after the current step\n"
         "with a checkpoint: exit code 75 (EX_TEMPFAIL, 'resume me'; 0 under torchrun). Errors: exit 2.",
     )
     train.add_argument("config", type=Path, help="YAML run config")
+    train.add_argument(
+        "overlays",
+        nargs="*",
+        type=Path,
+        metavar="OVERLAY",
+        help="YAML files whose values replace the config's, in order (before --set)",
+    )
     train.add_argument(
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value"
     )

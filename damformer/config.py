@@ -325,18 +325,30 @@ def read_yaml(path: Path, what: str, error: type[DamformerError]) -> Any:
         raise error(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
 
 
-def load_config(path: Path | str | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read a YAML config (or none: the defaults), apply ``--set`` overrides, validate.
+def load_config(
+    path: Path | str | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    overlays: list[Path] | tuple[Path, ...] = (),
+) -> RunConfig:
+    """Read a YAML config (or none: the defaults), then overlay files, then ``--set`` overrides; validate.
+
+    An overlay holds sections like a config; each of its values replaces the one before it
+    (``configs/ablation/miniature.yaml`` turns an ablation cell into a miniature run).
 
     Raises:
         ConfigError: unreadable YAML, unknown keys, wrong types or bad values, naming the key.
     """
     values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        values = read_yaml(path, "the config", ConfigError) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections, found {type(values).__name__}")
+    for number, file in enumerate([*([path] if path is not None else []), *overlays]):
+        file = Path(file)
+        layer = read_yaml(file, "the config" if number == 0 else "the overlay", ConfigError) or {}
+        if not isinstance(layer, dict):
+            raise ConfigError(f"{file}: expected a mapping of sections, found {type(layer).__name__}")
+        for section, entries in layer.items():
+            if isinstance(entries, dict) and isinstance(values.get(section), dict):
+                values[section] = {**values[section], **entries}
+            else:
+                values[section] = entries
     for assignment in overrides:
         apply_override(values, assignment)
     config = build_section(RunConfig, values, "")

@@ -7,7 +7,7 @@
       data.source: [shards/south]
       optim.max_iters: 40000
     configs:                             # paths or globs (relative to the working folder), or entries
-      - configs/ablation/*.yaml          # one row per file, named after it (damformer-rgbne-t)
+      - configs/ablation/*-*.yaml        # one row per file, named after it (damformer-rgbne-t)
       - name: damformer-no-ml            # an entry of its own: a config plus its own overrides
         config: configs/ablation/damformer-rgbne-t.yaml
         set: {uda.lr_weight: 0}

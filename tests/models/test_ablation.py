@@ -14,7 +14,8 @@ def _model(path: Path) -> ModelConfig:
     return build_section(ModelConfig, yaml.safe_load(path.read_text())["model"], "model")
 
 
-CONFIGS = sorted((Path(__file__).parents[2] / "configs" / "ablation").glob("*.yaml"))
+ABLATION = Path(__file__).parents[2] / "configs" / "ablation"
+CONFIGS = sorted(ABLATION.glob("*-*.yaml"))  # the ARCH-INPUTS cells (miniature.yaml is an overlay)
 
 
 def test_one_config_per_cell_of_the_ablation():
@@ -80,3 +81,46 @@ def test_segformer_head_alternative_for_daformer():
     out = model(torch.randint(0, 256, (1, 5, 64, 64), dtype=torch.uint8))
     assert out["hr"].shape == (1, 13, 64, 64)
     assert type(model.decoder).__name__ == "SegFormerHead"
+
+
+def test_every_cell_with_the_miniature_overlay_is_a_valid_short_cpu_run():
+    from damformer.config import load_config
+
+    for path in CONFIGS:
+        config = load_config(path, overlays=[ABLATION / "miniature.yaml"])
+        cell = _model(path)
+        assert (config.model.arch, config.model.bands, config.model.temporal) == (
+            cell.arch,
+            cell.bands,
+            cell.temporal,
+        ), path.name  # the cell's network and inputs survive the overlay
+        assert (
+            config.model.backbone == "mit_b0" and config.model.pretrained == "none"
+        )  # explicit: from scratch
+        assert (
+            config.optim.warmup < config.optim.max_iters and config.uda.source_warmup < config.optim.max_iters
+        )
+        assert config.data.source == ["runs/demo/shards/south"], path.name
+
+
+def test_a_cell_trains_with_the_miniature_overlay_from_the_command_line(tiny_shards, tmp_path):
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "damformer", "-q", "train", str(ABLATION / "damformer-rgbne-t.yaml")]
+    command += [str(ABLATION / "miniature.yaml"), "--output-dir", str(tmp_path / "run")]
+    for key, value in (
+        ("data.source", f"[{tiny_shards['south']}]"),  # the tests' shards instead of runs/demo's
+        ("data.target", f"[{tiny_shards['north']}]"),
+        ("data.target_test", f"[{tiny_shards['north-test']}]"),
+        ("model.footprint", "0.032"),
+        ("optim.max_iters", "3"),
+        ("uda.source_warmup", "1"),
+        ("log.tracking", "false"),
+    ):
+        command += ["--set", f"{key}={value}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["model"]["arch"] == "damformer" and saved["model"]["backbone"] == "mit_b0"
+    assert saved["optim"]["warmup"] == 20 and saved["uda"]["ema_alpha"] == 0.99  # from the overlay
