@@ -48,7 +48,7 @@ test: lint
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m damformer.engine.deepspeed_engine
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
 
-# The CPU suite (about 12 minutes on 2 cores): detailed tables per script, then one summary of ratios.
+# The CPU suite (running time: benchmarks/RESULTS.md): detailed tables per script, then one summary of ratios.
 bench: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m damformer.engine.deepspeed_engine
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python benchmarks/run_all.py
