@@ -52,5 +52,6 @@ def configure_logging(level: str, *, quiet: bool) -> None:
     if level != "DEBUG":  # MLflow's store migrations and DeepSpeed's banners are not our story
         # MLflow installs its own handler and level when imported: its variable is the way to set it
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-        for noisy in ("mlflow", "alembic", "DeepSpeed"):
+        # rasterio logs each GDAL read error at INFO before raising it: our error names the file once
+        for noisy in ("mlflow", "alembic", "DeepSpeed", "rasterio"):
             logging.getLogger(noisy).setLevel(logging.WARNING)

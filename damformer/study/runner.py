@@ -215,7 +215,8 @@ def _launch(
             run = pending.pop(0)
             run.output_dir.mkdir(parents=True, exist_ok=True)
             arguments = train_arguments(study, run, parent_run_id=parent_run_id, tracking_uri=tracking_uri)
-            command = [sys.executable, "-m", "damformer", "-q", "train", *arguments]
+            # the default output: resumes, scores and a progress line every 30 s in the run's log
+            command = [sys.executable, "-m", "damformer", "train", *arguments]
             with (run.output_dir / LOG_NAME).open("ab") as log_file:
                 log_file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n".encode())
                 log_file.flush()

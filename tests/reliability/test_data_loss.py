@@ -28,7 +28,8 @@ NO_EVAL = {"eval": {"interval": 0}}
 
 
 def _train_command(overrides: list[str], *extra: str) -> list[str]:
-    command = [sys.executable, "-m", "damformer", "-q", "train", "/dev/null", *extra]
+    # -q: no progress; INFO: the resume and fresh-start lines these tests read
+    command = [sys.executable, "-m", "damformer", "-q", "--log-level", "INFO", "train", "/dev/null", *extra]
     for assignment in overrides:
         command += ["--set", assignment]
     return command
