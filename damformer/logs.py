@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import warnings
+from typing import TextIO
 
 RANK_LOCAL = {"rank_local": True}  # pass as ``extra=``: a warning about this rank alone
 FORMAT = "%(levelname)s %(name)s: %(message)s"
@@ -32,6 +33,22 @@ class _OwnWarningsOnly(logging.Filter):
         return record.levelno >= logging.ERROR or bool(getattr(record, "rank_local", False))
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a record comes, not as it was when logging was set up.
+
+    ``damformer.cli.main`` can run inside another program (a notebook, pytest) that swaps and closes
+    ``sys.stderr``; a handler bound to the old stream would then fail on every later record.
+    """
+
+    @property
+    def stream(self) -> TextIO:  # logging.StreamHandler's attribute, read at each record
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: TextIO) -> None:
+        pass
+
+
 def configure_logging(level: str, *, quiet: bool) -> None:
     """Log to stderr at ``level`` (``quiet``: WARNING unless a level was asked for), one voice per job.
 
@@ -41,7 +58,7 @@ def configure_logging(level: str, *, quiet: bool) -> None:
     """
     level = level or ("WARNING" if quiet else "INFO")
     rank = process_rank()
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderr()
     handler.setFormatter(
         logging.Formatter(FORMAT if rank == 0 else f"%(levelname)s [rank {rank}] %(name)s: %(message)s")
     )

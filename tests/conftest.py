@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from damformer.data import Flair2Dataset
 from damformer.data.shards import ShardWriteOptions, write_shards
 from damformer.data.synth import SynthOptions, generate
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest workers (pytest-xdist) on CI's two cores: one thread each, for the
+    # worker and the trainings it starts, so that they share the cores instead of fighting over them.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 # The tiny south -> north training setup (64 px patches): shard sets for training tests.
 TRAIN_OPTIONS = SynthOptions(

@@ -63,6 +63,27 @@ class SlurmCluster:
             raise RuntimeError(f"scontrol show job {job_id}: {result.stderr}")
         return dict(re.findall(r"(\w+)=(\S*)", result.stdout))
 
+    def signal_batch_once(self, job_id: str, batch_log: Path, delivered: str, timeout: float = 60) -> bool:
+        """``scancel --signal=USR1 --batch JOB``, delivered exactly once: True once ``batch_log`` shows it.
+
+        Under load slurmctld can deliver the signal and still answer "Job can not be altered now, try
+        again later"; scancel then retries every few seconds and, once the job has requeued itself,
+        signals the new attempt too. So scancel is stopped as soon as the batch shell has said
+        ``delivered`` (the trap's message).
+        """
+        command = ["scancel", "--signal=USR1", "--batch", job_id]
+        sender = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self.env)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if batch_log.is_file() and delivered in batch_log.read_text():
+                    return True
+                time.sleep(0.1)
+            return False
+        finally:
+            sender.kill()
+            sender.wait()
+
     def wait_for(self, job_id: str, predicate, timeout: float) -> dict[str, str]:
         deadline = time.monotonic() + timeout
         while True:
@@ -95,6 +116,9 @@ def _config(folder: Path, host: str, cpus: int) -> str:
             # it sooner by hand makes slurmd refuse it ("Job credential revoked").
             "AuthInfo=cred_expire=10",
             "CredType=cred/munge",
+            # A pending job (a requeued one, the collecting job) waits for the next scheduling pass:
+            # every 60 s (main loop) or 30 s (backfill) by default, most of a short test's time.
+            "SchedulerParameters=sched_interval=2,bf_interval=2",
             "MpiDefault=none",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",

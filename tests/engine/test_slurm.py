@@ -83,17 +83,17 @@ def test_pre_timeout_signal_checkpoints_requeues_and_resumes(slurm, tiny_overrid
         time.sleep(0.2)
     assert checkpoint.is_file(), "the job did not start training"
     # What --signal=B:USR1@600 does ten minutes before the time limit: USR1 to the batch shell.
-    signalled = slurm.run("scancel", "--signal=USR1", "--batch", job)
-    assert signalled.returncode == 0, signalled.stderr
+    batch_log = tmp_path / f"damformer-{job}.out"
+    assert slurm.signal_batch_once(job, batch_log, "pre-timeout signal"), batch_log.read_text()[-3000:]
     requeued = slurm.wait_for(job, lambda j: int(j["Restarts"]) >= 1, timeout=120)
     assert int(requeued["Restarts"]) == 1, requeued
     # Slurm holds a requeued job for cred_expire seconds (10 in the test cluster) before it starts again.
     state = slurm.wait_for(
         job, lambda j: j["JobState"] == "COMPLETED" and int(j["Restarts"]) >= 1, timeout=400
     )
-    batch_log = (tmp_path / f"damformer-{job}.out").read_text()
-    assert state["JobState"] == "COMPLETED" and int(state["Restarts"]) == 1, (state, batch_log[-3000:])
-    assert "pre-timeout signal" in batch_log and f"requeueing job {job}" in batch_log
+    batch_text = batch_log.read_text()
+    assert state["JobState"] == "COMPLETED" and int(state["Restarts"]) == 1, (state, batch_text[-3000:])
+    assert batch_text.count("pre-timeout signal") == 1 and f"requeueing job {job}" in batch_text
     node_log = (tmp_path / "logs" / f"damformer-{job}" / "node-0.log").read_text()
     stopped = [line for line in node_log.splitlines() if "on request (stop file" in line]
     assert stopped, node_log[-3000:]
@@ -142,15 +142,17 @@ def test_study_job_array_with_a_requeued_task_equals_a_local_run(slurm, study_fi
     while not checkpoint.is_file() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert checkpoint.is_file(), slurm.job(f"{array}_1")
-    signalled = slurm.run("scancel", "--signal=USR1", "--batch", f"{array}_1")
-    assert signalled.returncode == 0, signalled.stderr
+    task_log = tmp_path / f"damformer-study-{slurm.job(f'{array}_1')['JobId']}.out"
+    assert slurm.signal_batch_once(f"{array}_1", task_log, "pre-timeout signal"), task_log.read_text()[-3000:]
     done = slurm.wait_for(
         collect, lambda j: j["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"), timeout=500
     )
     collect_log = tmp_path / f"damformer-study-collect-{collect}.out"
     assert done["JobState"] == "COMPLETED", collect_log.read_text()[-3000:] if collect_log.is_file() else done
     task = slurm.job(f"{array}_1")
-    assert task["JobState"] == "COMPLETED" and int(task["Restarts"]) == 1, task
+    task_text = task_log.read_text()
+    assert task["JobState"] == "COMPLETED" and int(task["Restarts"]) == 1, (task, task_text[-3000:])
+    assert task_text.count("pre-timeout signal") == 1
     node_log = (tmp_path / "logs" / f"damformer-study-{task['JobId']}" / "node-0.log").read_text()
     assert "on request (stop file" in node_log and "resumed from" in node_log
 
