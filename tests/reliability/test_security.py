@@ -119,9 +119,16 @@ def test_the_ui_server_binds_to_the_loopback_by_default(tmp_path):
         assert _listening_addresses(port) == {"127.0.0.1"}
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
             assert response.status == 200
+        server.terminate()  # SIGTERM, as from a job's end: the MLflow server (its own group) goes too
+        assert server.wait(timeout=60) == 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _listening_addresses(port):
+            time.sleep(0.5)
+        assert not _listening_addresses(port), "an MLflow server outlived damformer ui"
     finally:
-        os.killpg(server.pid, 9)
-        server.wait()
+        if server.poll() is None:
+            os.killpg(server.pid, 9)
+            server.wait()
 
 
 def test_ui_finds_the_store_refuses_none_or_two_and_binds_the_loopback(tmp_path):
