@@ -28,6 +28,7 @@ from damformer.tracking.figures import IGNORE_RGB, _pyplot, colourise
 FIGURE_PNG = "figure.png"
 PANEL_PX = (240, 260)  # width, height of one panel (image + its title)
 LEGEND_PX = 110
+TITLE_PX = 24  # the study's title, above the first row's panel titles
 DPI = 100
 BUILDING = 0
 
@@ -36,7 +37,7 @@ def figure_size(panels: int) -> tuple[int, int]:
     """(width, height) in pixels of the figure for ``panels`` panels."""
     columns = 4 if panels <= 12 else 5
     rows = math.ceil(panels / columns)
-    return columns * PANEL_PX[0], rows * PANEL_PX[1] + LEGEND_PX
+    return columns * PANEL_PX[0], rows * PANEL_PX[1] + LEGEND_PX + TITLE_PX
 
 
 def choose_patch(test_set: ShardSet, requested: str | None) -> str:
@@ -107,10 +108,10 @@ def _draw(panels: list[tuple[str, np.ndarray | None, str | None]], path: Path, *
     handles = [Patch(facecolor=np.array(c.rgb) / 255, edgecolor="grey", label=c.name) for c in FLAIR_CLASSES]
     handles.append(Patch(facecolor=np.array(IGNORE_RGB) / 255, edgecolor="grey", label="unlabelled"))
     figure.legend(handles=handles, loc="lower center", ncol=5, fontsize=7, frameon=False)
-    figure.suptitle(title, fontsize=9)
-    figure.subplots_adjust(
-        left=0.01, right=0.99, top=1 - 30 / height, bottom=LEGEND_PX / height, hspace=0.35, wspace=0.05
-    )
+    figure.suptitle(title, fontsize=9, y=1 - 6 / height, va="top")
+    top = 1 - (TITLE_PX + 22) / height  # 22 px: the first row's panel titles
+    bottom = LEGEND_PX / height
+    figure.subplots_adjust(left=0.01, right=0.99, top=top, bottom=bottom, hspace=0.35, wspace=0.05)
     try:
         with atomic_path(path, keep_suffix=True) as tmp:
             figure.savefig(tmp, dpi=DPI)  # no bbox_inches: the size stays figure_size()
