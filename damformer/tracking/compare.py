@@ -19,6 +19,7 @@ import yaml
 
 from damformer.data.classes import FLAIR_CLASSES
 from damformer.errors import DamformerError
+from damformer.tracking.store_lock import store_opening
 
 
 class CompareError(DamformerError):
@@ -89,7 +90,8 @@ def rows_from_mlflow(uri: str, experiment: str) -> list[RunRow]:
     from mlflow.tracking import MlflowClient
 
     try:
-        client = MlflowClient(tracking_uri=uri)
+        with store_opening(uri):  # an older store is migrated on opening
+            client = MlflowClient(tracking_uri=uri)
         found = client.get_experiment_by_name(experiment)
         if found is None:
             names = sorted(e.name for e in client.search_experiments())

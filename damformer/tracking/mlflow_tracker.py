@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from damformer.tracking.store_lock import store_opening
+
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "damformer"
@@ -138,13 +140,15 @@ class Tracker:
     ) -> None:
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=self.uri)
-        found = client.get_experiment_by_name(experiment)
-        if found is None:
-            location = artifact_root.resolve().as_uri() if artifact_root is not None else None
-            experiment_id = client.create_experiment(experiment, artifact_location=location)
-        else:
-            experiment_id = found.experiment_id
+        # serialised: the store's schema migrations, and finding or creating the experiment
+        with store_opening(self.uri):
+            client = MlflowClient(tracking_uri=self.uri)
+            found = client.get_experiment_by_name(experiment)
+            if found is None:
+                location = artifact_root.resolve().as_uri() if artifact_root is not None else None
+                experiment_id = client.create_experiment(experiment, artifact_location=location)
+            else:
+                experiment_id = found.experiment_id
         if run_id is not None:
             client.update_run(run_id, status="RUNNING")
         else:

@@ -21,6 +21,7 @@ from types import FrameType
 
 from damformer.errors import DamformerError
 from damformer.tracking.mlflow_tracker import STORE_NAME
+from damformer.tracking.store_lock import store_opening
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,8 @@ def selected_experiment(store: Path, folders: list[Path]) -> str | None:
     """The experiment to open: the one holding the given run folders' runs, else the latest run's."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{store}")
+    with store_opening(f"sqlite:///{store}"):  # an older store is migrated on opening
+        client = MlflowClient(f"sqlite:///{store}")
     experiments = client.search_experiments()
     runs = client.search_runs([e.experiment_id for e in experiments], order_by=["attributes.start_time DESC"])
     wanted = {str(folder.resolve()) for folder in folders if folder.resolve().parent == store.parent}

@@ -234,3 +234,44 @@ def test_runs_side_by_side_share_one_store_for_compare_and_the_ui(tiny_overrides
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         assert ui.wait(timeout=30) == 0  # Ctrl-C / SIGTERM stop the server group cleanly
+
+
+_OPEN_STORE = """
+import sys, time
+from pathlib import Path
+from damformer.tracking.mlflow_tracker import Tracker
+store, name, start_at = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+time.sleep(max(0.0, start_at - time.time()))  # every process opens the new store at the same moment
+tracker = Tracker(f"sqlite:///{store / 'mlflow.db'}", "demo", name, artifact_root=store / "mlartifacts")
+tracker.log_metrics({"mIoU": 1.0}, step=1)
+tracker.finish()
+sys.exit(0 if tracker.run_id else 1)
+"""
+
+
+def test_runs_started_together_create_one_store_without_corrupting_it(tmp_path):
+    """The demo starts two trainings at once on a folder without a store: both must be tracked.
+
+    Unserialised, the two processes run MLflow's schema migrations on the same new sqlite file at the
+    same time; one fails ('table _alembic_tmp_metrics already exists') and leaves the store unusable.
+    """
+    start_at = time.time() + 8  # after the imports of every process
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _OPEN_STORE, str(tmp_path), f"run {index}", str(start_at)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=clean_env(),
+        )
+        for index in range(3)
+    ]
+    outputs = [process.communicate(timeout=180)[0] for process in processes]
+    for process, output in zip(processes, outputs, strict=True):
+        assert process.returncode == 0 and "failed" not in output, output[-2000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
+    assert sorted(run.info.run_name for run in runs) == ["run 0", "run 1", "run 2"]
+    assert all(run.data.metrics["mIoU"] == 1.0 for run in runs)
