@@ -31,6 +31,9 @@ def _matches(token: str, domain: str) -> bool:
     return domain == token or domain.startswith(token + "_")
 
 
+_WARNED_PRESETS: set[tuple] = set()
+
+
 def select_domains(available: Iterable[str], requested: Sequence[str] | None) -> list[str]:
     """Resolve a user's domain request against the domains present on disk.
 
@@ -63,7 +66,9 @@ def select_domains(available: Iterable[str], requested: Sequence[str] | None) ->
                     f"preset '{token}' = {', '.join(members)}: none of these domains is in the dataset "
                     f"(available: {', '.join(available_sorted) or 'none'})"
                 )
-            if missing:
+            message_key = (key, tuple(missing), tuple(found))
+            if missing and message_key not in _WARNED_PRESETS:  # once per process, not per reader
+                _WARNED_PRESETS.add(message_key)
                 log.warning(
                     "preset '%s': %d of its %d domains are not in this dataset (%s); using %s",
                     token,

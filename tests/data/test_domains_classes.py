@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from damformer.data import domains
 from damformer.data.classes import FLAIR_CLASSES, NUM_CLASSES, invalid_raw_values, remap_labels
 from damformer.data.domains import select_domains
 from damformer.errors import DomainSelectionError
@@ -53,3 +54,15 @@ def test_remap_19_to_13_classes():
 def test_invalid_raw_values_are_listed():
     assert invalid_raw_values(np.array([[0, 1], [19, 25]], dtype=np.uint8)) == [0, 25]
     assert invalid_raw_values(np.arange(1, 20, dtype=np.uint8)) == []
+
+
+def test_a_partial_preset_is_reported_once_per_process(caplog, monkeypatch):
+    # predict reads the folder twice (tiles, then labels): the same partial preset is one warning
+    monkeypatch.setattr(domains, "_WARNED_PRESETS", set())  # as in a fresh process
+    available = ["D080_2021", "D060_2021", "D032_2019"]
+    with caplog.at_level("WARNING", logger="damformer.data.domains"):
+        first = select_domains(available, ["north"])
+        second = select_domains(available, ["north"])
+    assert first == second == ["D060_2021", "D080_2021"]
+    warnings = [r.getMessage() for r in caplog.records if "not in this dataset" in r.getMessage()]
+    assert len(warnings) == 1 and "D008, D051, D077" in warnings[0], warnings
