@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from damformer.tracking.store_lock import store_opening
+from damformer.tracking.store_lock import sqlite_path, store_opening
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,21 @@ def hostname() -> str:
 def _chunks(items: list, size: int) -> Iterable[list]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _damaged_store_hint(uri: str, error: str) -> str:
+    """The fix, when a local store was left half-migrated (two runs migrated it at once, before the lock)."""
+    database = sqlite_path(uri)
+    if database is None:
+        return ""
+    if "out-of-date database schema" in error:  # written by an older MLflow
+        return f". Back it up, then upgrade it: mlflow db upgrade sqlite:///{database}"
+    if any(sign in error for sign in ("_alembic_tmp", "already exists", "Online migration")):
+        return (
+            f". The store was left half-migrated by an earlier run: move it aside (mv {database} "
+            f"{database}.broken) and the next run creates a new one"
+        )
+    return ""
 
 
 class Tracker:
@@ -165,10 +180,11 @@ class Tracker:
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             log.warning(
                 "MLflow tracking at %s failed (%s: %s); training continues without it, metrics stay in "
-                "the output folder (history.json, scores.json)",
+                "the output folder (history.json, scores.json)%s",
                 self.uri,
                 what,
                 reason[:300],
+                _damaged_store_hint(self.uri, str(exc)),
             )
             self.client = None
 

@@ -275,3 +275,19 @@ def test_runs_started_together_create_one_store_without_corrupting_it(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
     assert sorted(run.info.run_name for run in runs) == ["run 0", "run 1", "run 2"]
     assert all(run.data.metrics["mIoU"] == 1.0 for run in runs)
+
+
+def test_a_damaged_or_old_store_is_named_with_its_fix():
+    from damformer.tracking.mlflow_tracker import _damaged_store_hint
+
+    uri = "sqlite:////data/runs/mlflow.db"
+    # the errors the unlocked demo's runs met on their half-migrated store (runs/demo/*.log)
+    for error in (
+        "(sqlite3.OperationalError) table _alembic_tmp_latest_metrics already exists",
+        "Online migration expected to match one row when updating '90e64c465722' to '181f10493468'",
+    ):
+        assert "mv /data/runs/mlflow.db /data/runs/mlflow.db.broken" in _damaged_store_hint(uri, error)
+    old = "Detected out-of-date database schema (found version 1, but expected 2)"
+    assert "mlflow db upgrade sqlite:////data/runs/mlflow.db" in _damaged_store_hint(uri, old)
+    assert _damaged_store_hint(uri, "database is locked") == ""
+    assert _damaged_store_hint("http://127.0.0.1:5000", "table x already exists") == ""
