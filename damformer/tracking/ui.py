@@ -130,7 +130,8 @@ def serve(paths: list[Path], *, host: str = DEFAULT_HOST, port: int = 5000) -> i
     _check_port(host, port)
     experiment = selected_experiment(store, paths)
     shown = f"[{host}]" if ":" in host else host
-    url = f"http://{shown}:{port}/" + (f"#/experiments/{experiment}" if experiment else "")
+    # MLflow 3 opens an experiment on its GenAI overview: "/runs" is the table of training runs
+    url = f"http://{shown}:{port}/" + (f"#/experiments/{experiment}/runs" if experiment else "")
     print(f"MLflow UI of {store} on {url} (Ctrl-C stops it)", flush=True)
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no extra job-runner workers
     server = subprocess.Popen(command, env=env, start_new_session=True)

@@ -218,7 +218,8 @@ def test_runs_side_by_side_share_one_store_for_compare_and_the_ui(tiny_overrides
     )  # fmt: skip
     try:
         announced = ui.stdout.readline()
-        assert f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}" in announced, announced
+        runs_page = f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}/runs"
+        assert runs_page in announced, announced
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
         while True:
