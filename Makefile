@@ -44,12 +44,12 @@ lint: install
 	$(BIN)/ruff format --check .
 
 # DeepSpeed JIT-compiles its CPU comm op on first use (30-35 s): once here, not in every test.
-# Two pytest workers (CI has two cores), one thread each (tests/conftest.py); --dist loadfile keeps a
-# file's tests on one worker, so each module-scoped fixture (trained checkpoints, the Slurm cluster)
-# is built once. Much of the suite waits on subprocesses, Slurm and sockets: the other worker runs then.
+# Two pytest workers (CI has two cores), one thread each (tests/conftest.py). Much of the suite waits
+# on subprocesses, Slurm and sockets: the other worker runs then. --dist loadgroup hands out single
+# tests, except the Slurm file (xdist_group "slurm": one cluster), which starts first as the largest unit.
 test: lint
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m damformer.engine.deepspeed_engine
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -n 2 --dist loadfile
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -n 2 --dist loadgroup
 
 # The CPU suite (running time: benchmarks/RESULTS.md): detailed tables per script, then one summary of ratios.
 bench: install
