@@ -14,8 +14,7 @@ from torchrun_helpers import clean_env
 
 from damformer.engine.checkpoint import load_checkpoint
 
-# One worker runs the whole file: one Slurm cluster (session fixture), started once (make test: -n 2).
-pytestmark = [pytest.mark.timeout(600), pytest.mark.xdist_group("slurm")]
+pytestmark = pytest.mark.timeout(600)
 SLURM = Path(__file__).parents[2] / "slurm"
 # One node without GPUs: the script's V100 defaults overridden on the sbatch line, as a user would.
 CPU_JOB = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=15"]
