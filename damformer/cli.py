@@ -7,7 +7,10 @@ one line on stderr with exit code 2, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import faulthandler
+import gc
 import json
 import logging
 import os
@@ -15,11 +18,15 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from damformer import __version__
 from damformer.errors import DamformerError
 from damformer.logs import configure_logging, process_rank
 from damformer.progress import set_quiet
+
+if TYPE_CHECKING:
+    from damformer.engine.train import Trainer, TrainResult
 
 log = logging.getLogger("damformer")
 
@@ -264,34 +271,41 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not dist.is_main:  # one voice per job: other ranks only warn
         logging.getLogger("damformer").setLevel(logging.WARNING)
     try:
-        trainer = Trainer(config, dist)
-        if dist.is_main:
-            ranks = f" x {dist.world_size} ranks" if dist.enabled else ""
-            print(
-                f"training {config.model.name} ({'UDA' if config.uda.enabled else 'source only'}) for "
-                f"{config.optim.max_iters} iterations on {trainer.device}{ranks}; "
-                f"output: {config.run.output_dir}"
-            )
-        result = trainer.run(resume="auto" if args.auto_resume else args.resume, stop_after=args.stop_after)
-        if result.stopped and dist.is_main:
-            print(
-                f"stopped at iteration {result.iterations} of {config.optim.max_iters} on request "
-                f"({result.stopped}); the checkpoint is written: continue with --resume"
-            )
-        if result.scores is not None and dist.is_main:
-            print(
-                f"target test mIoU {100 * result.scores.miou:.2f}  "
-                f"accuracy {100 * result.scores.accuracy:.2f}"
-            )
+        result = _train(Trainer(config, dist), args)
     except BaseException:
         teardown(dist, wait=False)  # a failed rank must not wait for peers that may be gone
         raise
+    # The trainer (its DDP reducer, loaders, engine) is gone before the process group is: what still
+    # refers to a gloo group when the interpreter shuts down can abort the rank at exit
+    # ("terminate called without an active exception", seen once in ~5 two-rank test runs).
+    gc.collect()
     teardown(dist)
     if result.stopped and "TORCHELASTIC_RUN_ID" not in os.environ:
         # "stopped early, resume me" (EX_TEMPFAIL). Not under torchrun: there a non-zero exit would make
         # it restart the workers, so they exit 0 and slurm/train.sh requeues (it raised the stop itself).
         return EXIT_STOPPED
     return 0
+
+
+def _train(trainer: Trainer, args: argparse.Namespace) -> TrainResult:
+    """Run ``trainer`` as ``damformer train`` asked and print the outcome (rank 0)."""
+    config, dist = trainer.config, trainer.dist
+    if dist.is_main:
+        ranks = f" x {dist.world_size} ranks" if dist.enabled else ""
+        print(
+            f"training {config.model.name} ({'UDA' if config.uda.enabled else 'source only'}) for "
+            f"{config.optim.max_iters} iterations on {trainer.device}{ranks}; "
+            f"output: {config.run.output_dir}"
+        )
+    result = trainer.run(resume="auto" if args.auto_resume else args.resume, stop_after=args.stop_after)
+    if result.stopped and dist.is_main:
+        print(
+            f"stopped at iteration {result.iterations} of {config.optim.max_iters} on request "
+            f"({result.stopped}); the checkpoint is written: continue with --resume"
+        )
+    if result.scores is not None and dist.is_main:
+        print(f"target test mIoU {100 * result.scores.miou:.2f}  accuracy {100 * result.scores.accuracy:.2f}")
+    return result
 
 
 def _writable_folder(path: Path, option: str) -> None:
@@ -736,6 +750,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _dump_stacks_on_fatal_signals() -> None:
+    """A process that dies in native code (SIGSEGV, SIGABRT, ...) prints where each Python thread stood.
+
+    Under torchrun a rank that aborts otherwise leaves one line ("exitcode: -6") and nothing to act on.
+    """
+    if faulthandler.is_enabled() or sys.__stderr__ is None:
+        return
+    with contextlib.suppress(OSError, ValueError):  # no file descriptor behind stderr (embedded use)
+        faulthandler.enable(file=sys.__stderr__)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``damformer`` console script; returns the process exit code."""
     parser = build_parser()
@@ -751,6 +776,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(args.log_level, quiet=args.quiet)
     set_quiet(args.quiet)
+    _dump_stacks_on_fatal_signals()
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)

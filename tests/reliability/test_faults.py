@@ -140,6 +140,53 @@ def test_sigterm_saves_a_checkpoint_in_bounded_time_and_exits_75(tiny_overrides,
     assert "Traceback" not in err
 
 
+def test_a_process_that_dies_in_native_code_shows_its_python_stack(tiny_overrides, tmp_path):
+    """SIGABRT (what a C++ std::terminate raises): the dying rank says where its Python stood."""
+    overrides = tiny_overrides(tmp_path / "run", **NO_EVAL, optim={"max_iters": 200})
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(
+        _train_command(overrides), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    header = process.stdout.readline()
+    assert header.startswith("training "), header + process.stderr.read()
+    time.sleep(1)
+    process.send_signal(signal.SIGABRT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGABRT
+    assert "Fatal Python error: Aborted" in err and "Current thread" in err, err[-2000:]
+    assert "damformer/engine/train.py" in err, err[-2000:]  # the stack of the training loop
+
+
+def test_the_trainer_is_released_before_the_process_group_is_destroyed(tiny_overrides, tmp_path, monkeypatch):
+    """A DDP model alive at interpreter exit keeps a gloo group alive: ranks could abort at exit."""
+    import weakref
+
+    from damformer import cli
+    from damformer.engine import distributed, train
+
+    trainers: list[weakref.ref] = []
+    alive_at_teardown: list[int] = []
+
+    class RecordedTrainer(train.Trainer):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            trainers.append(weakref.ref(self))
+
+    real_teardown = distributed.teardown
+
+    def teardown(context, *, wait=True):
+        alive_at_teardown.append(sum(ref() is not None for ref in trainers))
+        real_teardown(context, wait=wait)
+
+    monkeypatch.setattr(train, "Trainer", RecordedTrainer)
+    monkeypatch.setattr(distributed, "teardown", teardown)
+    arguments = ["-q", "train", "/dev/null"]
+    for assignment in tiny_overrides(tmp_path / "run", **NO_EVAL, optim={"max_iters": 1}):
+        arguments += ["--set", assignment]
+    assert cli.main(arguments) == 0
+    assert len(trainers) == 1 and alive_at_teardown == [0]
+
+
 def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(tiny_overrides, tmp_path):
     run = tmp_path / "run"
     overrides = tiny_overrides(run, **NO_EVAL)  # checkpoints every 2 iterations, 6 in all
