@@ -22,6 +22,7 @@ from damformer.engine.checkpoint import load_checkpoint
 from damformer.engine.distributed import DistContext
 from damformer.engine.stop import StopRequest
 from damformer.engine.train import Trainer
+from tests.reliability.training_process import start_training
 
 pytestmark = pytest.mark.timeout(300)
 NO_EVAL = {"eval": {"interval": 0}}
@@ -39,12 +40,7 @@ def test_ctrl_c_checkpoints_after_the_step_and_resume_continues(tiny_overrides, 
     run = tmp_path / "run"
     sections = {**NO_EVAL, "optim": {"max_iters": 200}, "log": {"checkpoint_interval": 1000}}
     overrides = tiny_overrides(run, **sections)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    process = subprocess.Popen(
-        _train_command(overrides), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
-    header = process.stdout.readline()
-    assert header.startswith("training "), header + process.stderr.read()
+    process, _ = start_training(_train_command(overrides))
     time.sleep(3)
     assert not (run / "checkpoint.pt").is_file()  # the next periodic checkpoint would only come at 1000
     process.send_signal(signal.SIGINT)  # what Ctrl-C sends

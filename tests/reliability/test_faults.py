@@ -27,6 +27,7 @@ from damformer.config import load_config
 from damformer.data.shards import verify_shards
 from damformer.engine.checkpoint import CheckpointError, load_checkpoint
 from damformer.engine.train import Trainer
+from tests.reliability.training_process import start_training
 
 pytestmark = pytest.mark.timeout(400)
 NO_EVAL = {"eval": {"interval": 0}}
@@ -119,12 +120,7 @@ def test_sigterm_saves_a_checkpoint_in_bounded_time_and_exits_75(tiny_overrides,
     run = tmp_path / "run"
     sections = {**NO_EVAL, "optim": {"max_iters": 200}, "log": {"checkpoint_interval": 1000}}
     overrides = tiny_overrides(run, **sections)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    process = subprocess.Popen(
-        _train_command(overrides), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
-    header = process.stdout.readline()  # printed once the trainer is built, just before the first step
-    assert header.startswith("training "), header + process.stderr.read()
+    process, header = start_training(_train_command(overrides))
     time.sleep(4)  # a few steps in
     assert process.poll() is None, process.stderr.read()
     assert not (run / "checkpoint.pt").is_file()  # the next checkpoint would only come at 1000
@@ -143,12 +139,7 @@ def test_sigterm_saves_a_checkpoint_in_bounded_time_and_exits_75(tiny_overrides,
 def test_a_process_that_dies_in_native_code_shows_its_python_stack(tiny_overrides, tmp_path):
     """SIGABRT (what a C++ std::terminate raises): the dying rank says where its Python stood."""
     overrides = tiny_overrides(tmp_path / "run", **NO_EVAL, optim={"max_iters": 200})
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    process = subprocess.Popen(
-        _train_command(overrides), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
-    header = process.stdout.readline()
-    assert header.startswith("training "), header + process.stderr.read()
+    process, _ = start_training(_train_command(overrides))
     time.sleep(1)
     process.send_signal(signal.SIGABRT)
     _, err = process.communicate(timeout=60)
