@@ -19,7 +19,7 @@ import yaml
 
 from damformer.data.classes import FLAIR_CLASSES
 from damformer.errors import DamformerError
-from damformer.tracking.store_lock import store_opening
+from damformer.tracking.store_lock import sqlite_path, store_opening
 
 
 class CompareError(DamformerError):
@@ -89,6 +89,12 @@ def rows_from_mlflow(uri: str, experiment: str) -> list[RunRow]:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     from mlflow.tracking import MlflowClient
 
+    database = sqlite_path(uri)
+    if database is not None and not database.is_file():  # MLflow would create an empty store there
+        raise CompareError(
+            f"{database}: no MLflow store there (runs write one beside their folders, e.g. runs/mlflow.db; "
+            "a server: --tracking-uri http://HOST:PORT)"
+        )
     try:
         with store_opening(uri):  # an older store is migrated on opening
             client = MlflowClient(tracking_uri=uri)

@@ -192,6 +192,9 @@ def test_runs_side_by_side_share_one_store_for_compare_and_the_ui(tiny_overrides
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert missing.returncode != 0 and "no experiment 'other' (there: " in missing.stderr
+    nowhere = tmp_path / "elsewhere" / "mlflow.db"
+    assert main(["compare", "--tracking-uri", f"sqlite:///{nowhere}"]) == 2  # read, never created
+    assert not nowhere.parent.exists()
 
     from mlflow.tracking import MlflowClient
 
