@@ -111,3 +111,25 @@ def test_the_loader_benchmark_compares_our_reader_webdataset_and_the_raw_tree(tm
     rates = json.loads(out.read_text())["samples_per_s"]
     assert {"raw", "shard", "webdataset", "shard+sha256"} <= set(rates)  # every reader read every sample
     assert all(rate > 0 for rate in rates.values())
+
+
+def test_the_gpu_session_script_runs_its_steps_under_limits_and_summarises(tmp_path):
+    """benchmarks/gpu_session.sh, the demo step on the CPU (DEVICE=cpu): its plumbing, before a GPU loan."""
+    import os
+
+    env = dict(os.environ, STEPS="demo nonsense", DEVICE="cpu", DEMO_ITERS="2")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # damformer of this interpreter
+    command = ["bash", str(BENCHMARKS / "gpu_session.sh"), "run", str(tmp_path / "out")]
+    typo = subprocess.run(command, capture_output=True, text=True, check=False, env=env, timeout=60)
+    assert typo.returncode == 2 and "unknown step nonsense" in typo.stderr
+    assert not (tmp_path / "out" / "summary.txt").exists()  # checked before any step ran
+    env["STEPS"] = "demo"
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env=env, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = (tmp_path / "out" / "summary.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in summary] == ["demo-data", "demo-bf16"], summary
+    assert all(": exit 0 after " in line for line in summary), summary
+    training = (tmp_path / "out" / "demo-bf16.log").read_text()
+    assert "it 2/2 " in training and "it/s" in training and "on cpu" in training
+    usage = subprocess.run(["bash", str(BENCHMARKS / "gpu_session.sh")], capture_output=True, text=True)
+    assert usage.returncode == 2 and "prepare" in usage.stdout and "set -uo" not in usage.stdout
