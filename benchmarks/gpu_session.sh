@@ -17,7 +17,8 @@
 #          DeepSpeed ZeRO-2 fp16 with loss scaling
 # Record the figures in benchmarks/RESULTS.md with the GPU's name (nvidia-smi.txt).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+script="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"  # steps call it again, from the repository root
+cd "$(dirname "$script")/.."
 
 prepare() {
     local tool=../shared/tools/device-wheels.sh
@@ -43,7 +44,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run it under a time limit, log to OUT/
 }
 
 demo_speed() {  # demo_speed PRECISION OUT WORK: the demo DAM-Former on the GPU; its last log line gives it/s
-    local precision=$1 out=$2 work=$3 iters=${DEMO_ITERS:-600} sampler rc  # the demo's 600, half source-only
+    local precision=$1 out=$2 work=$3 iters=${DEMO_ITERS:-600} sampler  # the demo's 600, half source-only
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -l 1 \
         > "$out/demo-$precision-utilisation.csv" 2>&1 &
     sampler=$!
@@ -53,8 +54,6 @@ demo_speed() {  # demo_speed PRECISION OUT WORK: the demo DAM-Former on the GPU;
         --set data.target_test="[$work/data/shards/north-test]" --set run.device="${DEVICE:-cuda}" \
         --set run.precision="$precision" --set log.tracking=false --set optim.max_iters="$iters" \
         --set uda.source_warmup=$((iters / 2)) --set log.interval=100 --set eval.interval=0
-    rc=$?
-    return $rc
 }
 
 run() {
@@ -78,7 +77,7 @@ run() {
             demo)
                 step demo-data 90 bash launch/miniature_data.sh "$work/data"
                 for precision in ${DEMO_PRECISIONS:-bf16}; do  # issue 20's baseline: 4.2 it/s fp16, 4.5 bf16
-                    step "demo-$precision" 180 bash "$0" demo-speed "$precision" "$out" "$work"
+                    step "demo-$precision" 180 bash "$script" demo-speed "$precision" "$out" "$work"
                 done
                 ;;
             tests)
@@ -97,5 +96,5 @@ case ${1:-} in
     prepare) prepare ;;
     run) shift && run "$@" ;;
     demo-speed) shift && demo_speed "$@" ;;
-    *) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" && exit 2 ;;
+    *) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$script" && exit 2 ;;
 esac
