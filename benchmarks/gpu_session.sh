@@ -58,7 +58,8 @@ demo_speed() {  # demo_speed PRECISION OUT WORK: the demo DAM-Former on the GPU;
 
 run() {
     out=${1:?usage: gpu_session.sh run OUT_DIR}
-    for name in ${STEPS:-quick demo tests}; do  # a typo must not cost the loan: check before any step
+    local steps=${STEPS:-quick demo tests}
+    for name in $steps; do  # a typo must not cost the loan: check before any step
         case $name in
             quick | demo | tests) ;;
             *) echo "gpu_session.sh: unknown step $name (quick, demo, tests)" >&2 && exit 2 ;;
@@ -71,7 +72,7 @@ run() {
     : > "$out/summary.txt"
     nvidia-smi > "$out/nvidia-smi.txt" 2>&1
     git rev-parse HEAD > "$out/commit.txt" 2>/dev/null
-    for name in ${STEPS:-quick demo tests}; do
+    for name in $steps; do
         case $name in
             quick) step quick 390 python3 benchmarks/run_all.py --device cuda --quick --out "$out/quick" ;;
             demo)

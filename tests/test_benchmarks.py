@@ -7,6 +7,7 @@ for real and one script end to end at a tiny size, so a broken benchmark is caug
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -115,8 +116,6 @@ def test_the_loader_benchmark_compares_our_reader_webdataset_and_the_raw_tree(tm
 
 def test_the_gpu_session_script_runs_its_steps_under_limits_and_summarises(tmp_path):
     """benchmarks/gpu_session.sh, the demo step on the CPU (DEVICE=cpu): its plumbing, before a GPU loan."""
-    import os
-
     env = dict(os.environ, STEPS="demo nonsense", DEVICE="cpu", DEMO_ITERS="2")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # damformer of this interpreter
     command = ["bash", str(BENCHMARKS / "gpu_session.sh"), "run", str(tmp_path / "out")]
