@@ -52,7 +52,11 @@ def test_training_steps_stop_page_faulting_their_activations():
     # the opt-out restores glibc's adaptive behaviour: freed memory goes back and is faulted in again
     system = _probe(DAMFORMER_CPU_ALLOCATOR="system")
     assert system["applied"] is False
-    assert system["faults"] > 4 * max(kept["faults"], 2500)
+    # How much glibc's adaptive trimming faults back in varies between machines and runs (measured per
+    # step: 22k-36k on the development machine, 8.8k on CI), while the kept allocator stays at 0-1.2k.
+    # The floor keeps a near-zero `kept` from making any fault count pass: >= 4000 faults is ~16 MB of
+    # activations faulted in afresh every step.
+    assert system["faults"] > 4 * max(kept["faults"], 1000)
 
 
 def test_a_user_tuned_allocator_is_left_alone():
