@@ -116,6 +116,10 @@ def _overrides(shards: dict[str, Path], output: Path, **sections) -> list[str]:
         "model.arch": "damformer",
         "model.band_init": "inflate",
         "model.footprint": 0.032,  # 64 px x 0.2 m aerial patches in 40 x 10 m Sentinel-2 crops
+        # Narrow U-TAE and decoder: every layer and fusion level is still there, at half the step time
+        # and half the checkpoint (70 MB instead of 135 MB).
+        "model.utae_widths": [16, 16, 32, 32],
+        "model.decoder_channels": [64, 32, 16, 16, 8],
         "uda.pseudo_threshold": 0.5,
         "uda.mic": True,
         "optim.lr": 0.0006,

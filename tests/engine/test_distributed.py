@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from checkpoint_watch import CheckpointWatch
 from torchrun_helpers import (
     EQUIVALENT,
     clean_env,
@@ -154,9 +155,9 @@ def test_killed_rank_restarts_from_the_checkpoint(engine, tiny_overrides, tmp_pa
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env()
     )
     checkpoint = tmp_path / "killed" / "checkpoint.pt"
-    deadline, killed = time.monotonic() + 180, None
+    deadline, killed, watch = time.monotonic() + 180, None, CheckpointWatch(checkpoint)
     while time.monotonic() < deadline and launcher.poll() is None:
-        if checkpoint.is_file() and 2 <= load_checkpoint(checkpoint)["iteration"] < 12:
+        if 2 <= (watch.iteration() or 0) < 12:
             workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True)
             pids = [int(pid) for pid in workers.stdout.split()]
             if len(pids) == 2:

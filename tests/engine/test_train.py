@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from checkpoint_watch import CheckpointWatch
 
 from damformer.cli import main
 from damformer.config import ConfigError, load_config
@@ -54,9 +55,9 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tiny_overrides, tmp
         command += ["--set", assignment]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     checkpoint = tmp_path / "killed" / "checkpoint.pt"
-    deadline = time.monotonic() + 120
+    watch, deadline = CheckpointWatch(checkpoint), time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
-        if checkpoint.is_file() and 4 <= load_checkpoint(checkpoint)["iteration"] < 20:
+        if 4 <= (watch.iteration() or 0) < 20:
             break
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
