@@ -16,10 +16,10 @@ from damformer.engine.checkpoint import load_checkpoint
 EQUIVALENT = {
     "uda": {"enabled": False, "rcs": True},
     # The default decoder widths, not the tests' narrow ones: these runs are compared with one process
-    # to 1e-4, and float noise of another summation order (1 ulp) on a gradient component that is
-    # nearly zero turns into a whole Adam step (an update is m / sqrt(v)). Measured at iteration 4:
-    # 2 ranks against 1 process, 2e-6 with these widths, 1e-3 with the narrow decoder; 1 thread against
-    # 2 threads on one process already differs by 8e-3 with either.
+    # to 1e-4. Measured at iteration 4, 2 ranks against 1 process: 2e-6 with these widths, 1e-3 with
+    # the narrow decoder, while 1 thread against 2 threads on one process differs by 8e-3 with either.
+    # The likely cause: float noise of another summation order on a nearly-zero gradient component
+    # becomes a whole Adam step (an update is m / sqrt(v), whatever the gradient's size).
     "model": {
         "arch": "unet_t",
         "temporal": False,
