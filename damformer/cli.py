@@ -26,6 +26,7 @@ from damformer.logs import configure_logging, process_rank
 from damformer.progress import set_quiet
 
 if TYPE_CHECKING:
+    from damformer.config import RunConfig
     from damformer.engine.train import Trainer, TrainResult
 
 log = logging.getLogger("damformer")
@@ -259,14 +260,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.stop_after is not None and args.stop_after < 1:
         raise _OptionError(f"--stop-after {args.stop_after}: expected an iteration >= 1")
-    config = load_config(args.config, args.set, overlays=args.overlays)
+    config = load_config(args.config, args.set, overlays=args.overlays, check_files=not args.dry_run)
     if args.output_dir is not None:
         config.run.output_dir = str(args.output_dir)
-    _writable_folder(Path(config.run.output_dir), "--output-dir" if args.output_dir else "run.output_dir")
+    if not args.dry_run:
+        _writable_folder(Path(config.run.output_dir), "--output-dir" if args.output_dir else "run.output_dir")
     if args.tracking_uri is not None:
         config.log.tracking_uri = args.tracking_uri
     if config.log.experiment is None:  # one MLflow experiment per config family (its folder)
         config.log.experiment = experiment_family(args.config)
+    if args.dry_run:
+        return _train_dry_run(config, args.world_size)
     dist = init_distributed(resolve_device(config.run.device))
     if not dist.is_main:  # one voice per job: other ranks only warn
         logging.getLogger("damformer").setLevel(logging.WARNING)
@@ -284,6 +288,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
         # "stopped early, resume me" (EX_TEMPFAIL). Not under torchrun: there a non-zero exit would make
         # it restart the workers, so they exit 0 and slurm/train.sh requeues (it raised the stop itself).
         return EXIT_STOPPED
+    return 0
+
+
+def _train_dry_run(config: RunConfig, world_size: int | None) -> int:
+    """``train --dry-run``: what the config trains and how its batch splits, without building anything."""
+    from damformer.engine.batch import plan_batch
+
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world_size < 1:
+        raise _OptionError(f"--world-size {world_size}: expected >= 1")
+    plan = plan_batch(
+        global_batch=config.data.global_batch, batch_size=config.data.batch_size,
+        grad_accum=config.optim.grad_accum, world_size=world_size,
+    )  # fmt: skip
+    model, uda = config.model, config.uda
+    training = "source only"
+    if uda.enabled:
+        training = "UDA"
+        if model.temporal:
+            training += f", mixed loss (LR weight {uda.lr_weight:g}), ensemble pseudo-labels "
+            training += f"({uda.ensemble}, LR weight {uda.ensemble_lr_weight:g})"
+    print(f"model: {model.name} ({model.mit_size if model.arch != 'unet_c' else 'CNN encoder'})")
+    if model.temporal:
+        print(f"fusion: DTF into encoder level(s) {model.fusion_levels}, zero-init {model.fusion_zero_init}")
+    print(f"training: {training}; {config.optim.max_iters} iterations, lr {config.optim.lr:g}")
+    print(f"batch on {world_size} process(es): {plan.describe()}")
+    print(f"output: {config.run.output_dir}")
     return 0
 
 
@@ -537,6 +569,8 @@ def _add_training_parsers(commands: argparse._SubParsersAction) -> None:
         "  damformer train configs/demo/damformer.yaml\n"
         "  damformer train configs/demo/damformer.yaml --set optim.max_iters=100 --set uda.enabled=false\n"
         "  damformer train configs/demo/damformer.yaml --resume\n"
+        "  damformer train configs/ablation/damformer-rgbne-t.yaml --dry-run --world-size 2"
+        "   # the batch on 2 GPUs\n"
         "  damformer train configs/ablation/damformer-rgbne-t.yaml configs/ablation/miniature.yaml"
         "   # an ablation cell on the miniature\n"
         "\nSIGTERM, SIGUSR1 or the file named by DAMFORMER_STOP_FILE stops the run after the current step\n"
@@ -569,6 +603,18 @@ def _add_training_parsers(commands: argparse._SubParsersAction) -> None:
         metavar="URI",
         help="MLflow store or server for this run (log.tracking_uri), e.g. http://127.0.0.1:5000; "
         "default: the run folder's parent's store, sqlite:///PARENT/mlflow.db",
+    )
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the model, the training and how the global batch splits over --world-size "
+        "processes (per-process batch, accumulation), or why it cannot; build and train nothing",
+    )
+    train.add_argument(
+        "--world-size",
+        type=int,
+        metavar="N",
+        help="processes to plan the batch for, with --dry-run (default: $WORLD_SIZE, else 1)",
     )
     train.add_argument(
         "--stop-after",

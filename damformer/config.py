@@ -33,7 +33,14 @@ class DataConfig:
     Attributes:
         source, target, target_test: shard-set folders (each a list).
         source_domains, target_domains: restrict the sets to these domains (ids, prefixes, presets).
-        batch_size: source and target samples per step (each), per process.
+        global_batch: source samples per optimiser step over every process (the target stream takes as
+            many): the recipe's batch, the same on 1 GPU or 64 (DAFormer and DAM-Former: 2). The
+            per-process batch and the gradient accumulation follow from the number of processes, and a
+            number that cannot split it is refused (damformer.engine.batch). None: ``batch_size`` is per
+            process and the global batch grows with the number of processes (older configs).
+        batch_size: with ``global_batch``: the most samples one process takes per forward/backward pass
+            (None: its whole share; more is accumulated). Without: source and target samples per step
+            and process (None: 2).
         num_workers: DataLoader workers of the target stream.
         shuffle_buffer: seeded shuffle buffer of the streams.
         augment: random flips / rot90 (aerial, label, every S2 date alike).
@@ -48,7 +55,8 @@ class DataConfig:
     target_test: list[str] = field(default_factory=list)
     source_domains: list[str] | None = None
     target_domains: list[str] | None = None
-    batch_size: int = 2
+    global_batch: int | None = None
+    batch_size: int | None = None
     num_workers: int = 0
     shuffle_buffer: int = 64
     augment: bool = True
@@ -114,12 +122,17 @@ class OptimConfig:
 
     Attributes:
         head_lr_mult: learning-rate factor of the randomly initialised heads (HR decoder, LR logits).
+        head_lr_scope: which parameters take ``head_lr_mult``: ``heads`` (ours: the whole HR decoder and
+            the LR logits, all randomly initialised) or ``classifier`` (the authors' release: the HR
+            decoder's last conv only; its U-Net decoder and LR logits train at the base rate).
         temporal_lr_mult: learning-rate factor of the Sentinel-2 branch (U-TAE) and the deep temporal
-            fusion. They start from random weights like the heads, while the MiT starts from ImageNet.
+            fusion (ours: 10; the release: 1). They start from random weights like the heads, while the
+            MiT starts from ImageNet.
     """
 
     lr: float = 6e-5
     head_lr_mult: float = 10.0
+    head_lr_scope: str = "heads"
     temporal_lr_mult: float = 10.0
     weight_decay: float = 0.01
     warmup: int = 1500
@@ -329,11 +342,14 @@ def load_config(
     path: Path | str | None,
     overrides: list[str] | tuple[str, ...] = (),
     overlays: list[Path] | tuple[Path, ...] = (),
+    *,
+    check_files: bool = True,
 ) -> RunConfig:
     """Read a YAML config (or none: the defaults), then overlay files, then ``--set`` overrides; validate.
 
     An overlay holds sections like a config; each of its values replaces the one before it
     (``configs/ablation/miniature.yaml`` turns an ablation cell into a miniature run).
+    ``check_files=False`` skips checks of files the run reads (pretrained weights): for plans and dry runs.
 
     Raises:
         ConfigError: unreadable YAML, unknown keys, wrong types or bad values, naming the key.
@@ -352,11 +368,11 @@ def load_config(
     for assignment in overrides:
         apply_override(values, assignment)
     config = build_section(RunConfig, values, "")
-    validate(config)
+    validate(config, check_files=check_files)
     return config
 
 
-def validate(config: RunConfig) -> None:
+def validate(config: RunConfig, *, check_files: bool = True) -> None:
     """Cross-field checks that need no data (the data checks run when the shard sets open)."""
     if config.uda.pseudo_weight not in ("batch", "image", "pixel"):
         raise ConfigError(
@@ -372,10 +388,15 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"uda.teacher_norm: expected batch or running, found {config.uda.teacher_norm!r}")
     if not 0 <= config.uda.ensemble_lr_weight <= 1:
         raise ConfigError(f"uda.ensemble_lr_weight: expected 0..1, found {config.uda.ensemble_lr_weight}")
+    if config.optim.head_lr_scope not in ("heads", "classifier"):
+        raise ConfigError(
+            f"optim.head_lr_scope: expected heads or classifier, found {config.optim.head_lr_scope!r}"
+        )
     if config.uda.ensemble not in ("released", "normalised"):
         raise ConfigError(f"uda.ensemble: expected released or normalised, found {config.uda.ensemble!r}")
     _validate_ranges(config)
-    _validate_pretrained(config.model)
+    _validate_dependencies(config)
+    _validate_pretrained(config.model, check_files=check_files)
     if config.data.verify_shards not in ("first", "always", "never"):
         raise ConfigError(
             f"data.verify_shards: expected first, always or never, found {config.data.verify_shards!r}"
@@ -394,8 +415,10 @@ def validate(config: RunConfig) -> None:
     for key in ("max_iters", "grad_accum"):
         if getattr(config.optim, key) < 1:
             raise ConfigError(f"optim.{key}: expected >= 1, found {getattr(config.optim, key)}")
-    if config.data.batch_size < 1:
-        raise ConfigError(f"data.batch_size: expected >= 1, found {config.data.batch_size}")
+    for key in ("global_batch", "batch_size"):
+        value = getattr(config.data, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"data.{key}: expected >= 1 (or null), found {value}")
     if not config.data.source:
         raise ConfigError("data.source: expected at least one source shard set (damformer shard --out DIR)")
     if config.uda.enabled and not config.data.target:
@@ -447,7 +470,7 @@ WEIGHTS_HELP = (
 )
 
 
-def _validate_pretrained(model: ModelConfig) -> None:
+def _validate_pretrained(model: ModelConfig, *, check_files: bool = True) -> None:
     """A MiT arch trains from ImageNet weights unless ``model.pretrained: none`` says otherwise."""
     if model.arch == "unet_c":  # a CNN encoder without pretrained weights
         return
@@ -466,11 +489,43 @@ def _validate_pretrained(model: ModelConfig) -> None:
             )
         return
     path = Path(model.pretrained)
-    if not path.exists():
+    if check_files and not path.exists():
         raise ConfigError(
             f"model.pretrained: {path} not found. "
             + WEIGHTS_HELP.format(size=model.mit_size, hf=model.mit_size.replace("_", "-"))
             + "; or set model.pretrained=none to train from random weights"
+        )
+
+
+def _validate_dependencies(config: RunConfig) -> None:
+    """Refuse ``uda.*`` / ``model.*`` / ``eval.*`` combinations that train something else than they say.
+
+    An ablation row must measure what it is named after.
+    """
+    uda, model = config.uda, config.model
+    if uda.enabled and model.temporal and uda.lr_weight == 0 and uda.ensemble_lr_weight > 0:
+        raise ConfigError(
+            f"uda.lr_weight 0 with uda.ensemble_lr_weight {uda.ensemble_lr_weight:g}: without the mixed "
+            "loss the LR head is never trained, and the ensemble pseudo-labels would add its untrained "
+            "output. Remove both (uda.ensemble_lr_weight=0 too: the row without ML and EP) or keep the "
+            "mixed loss"
+        )
+    if model.temporal and not model.fusion_levels and uda.lr_weight == 0:
+        raise ConfigError(
+            "model.temporal with model.fusion_levels [] and uda.lr_weight 0: the Sentinel-2 branch feeds "
+            "nothing that is trained (no fusion, no LR loss), so the run is aerial-only in a +T name; set "
+            "model.temporal=false, or keep a fusion level or the LR loss"
+        )
+    if uda.enabled and uda.feature_distance and (model.arch == "unet_c" or is_none(model.pretrained)):
+        reason = "a CNN encoder without them" if model.arch == "unet_c" else "model.pretrained=none"
+        raise ConfigError(
+            f"uda.feature_distance: the distance is to ImageNet weights, and this model has none ({reason}): "
+            "set uda.feature_distance=false, or give model.pretrained"
+        )
+    if config.eval.teacher and not uda.enabled:
+        raise ConfigError(
+            "eval.teacher: a source-only run (uda.enabled=false) has no EMA teacher to evaluate; set "
+            "eval.teacher=false"
         )
 
 
@@ -542,11 +597,15 @@ def check_resume(saved: dict[str, Any], current: RunConfig, *, where: Path) -> N
             f"{current.model.name!r}: resume with the checkpoint's model settings, or start a new "
             "run.output_dir"
         )
-    refused = [c for c in changes if not c[0].startswith(RESUMABLE)]
+    resumable = RESUMABLE
+    if current.data.global_batch is not None:  # the per-process batch is a memory knob there
+        resumable = (*RESUMABLE, "data.batch_size")
+    refused = [c for c in changes if not c[0].startswith(resumable)]
     if refused:
         raise ConfigError(
             f"{where}: --resume with a changed config ({shown(refused)}). On resume only optim.max_iters, "
-            "eval.*, log.*, the data folders and run.output_dir / run.device may change: restore the "
+            "eval.*, log.*, the data folders, run.output_dir / run.device and (with data.global_batch) "
+            "data.batch_size may change: restore the "
             "values, or start a new run.output_dir for another experiment"
         )
 

@@ -7,12 +7,15 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-HEAD_PREFIXES = ("decoder.", "lr_head.")  # randomly initialised heads train faster (lr x 10)
+# Which parameters take optim.head_lr_mult (optim.head_lr_scope): "heads", every randomly initialised
+# head (ours); "classifier", the HR decoder's last conv only: in the authors' release the U-Net sits inside
+# the backbone and mmseg's "head" key matches only its segmentation_head.
+HEAD_PREFIXES = {"heads": ("decoder.", "lr_head."), "classifier": ("decoder.classifier.",)}
 TEMPORAL_PREFIXES = ("temporal.", "fusion.")  # U-TAE and DTF: randomly initialised too
 
 
-def _lr_mult(name: str, head_lr_mult: float, temporal_lr_mult: float) -> float:
-    if name.startswith(HEAD_PREFIXES):
+def _lr_mult(name: str, head_lr_mult: float, temporal_lr_mult: float, head_scope: str) -> float:
+    if name.startswith(HEAD_PREFIXES[head_scope]):
         return head_lr_mult
     if name.startswith(TEMPORAL_PREFIXES):
         return temporal_lr_mult
@@ -26,6 +29,7 @@ def parameter_groups(
     weight_decay: float,
     head_lr_mult: float,
     temporal_lr_mult: float = 1.0,
+    head_scope: str = "heads",
 ) -> list[dict]:
     """Groups by learning-rate factor (encoder 1, heads, temporal branch) x {decayed, not decayed}.
 
@@ -43,7 +47,7 @@ def parameter_groups(
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        mult = _lr_mult(name, head_lr_mult, temporal_lr_mult)
+        mult = _lr_mult(name, head_lr_mult, temporal_lr_mult, head_scope)
         decay = not (name in no_decay_names or name.endswith(".bias") or parameter.dim() == 1)
         groups.setdefault((mult, decay), []).append(parameter)
     return [
@@ -64,6 +68,7 @@ def build_optimizer(
     weight_decay: float = 0.01,
     head_lr_mult: float = 10.0,
     temporal_lr_mult: float = 10.0,
+    head_scope: str = "heads",
     betas: tuple[float, float] = (0.9, 0.999),
     fused: bool = False,
 ) -> torch.optim.AdamW:
@@ -74,6 +79,7 @@ def build_optimizer(
         weight_decay=weight_decay,
         head_lr_mult=head_lr_mult,
         temporal_lr_mult=temporal_lr_mult,
+        head_scope=head_scope,
     )
     if fused:
         return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)

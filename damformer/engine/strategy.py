@@ -62,6 +62,7 @@ class Strategy:
             weight_decay=optim.weight_decay,
             head_lr_mult=optim.head_lr_mult,
             temporal_lr_mult=optim.temporal_lr_mult,
+            head_scope=optim.head_lr_scope,
             fused=device.type == "cuda",  # one kernel for every parameter's update
         )
 

@@ -15,6 +15,7 @@ accumulation. Metrics stay on the device and are read once per log interval.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -26,6 +27,7 @@ import torch
 
 from damformer.atomic import atomic_write_bytes
 from damformer.config import ConfigError, RunConfig, check_resume, dump_config
+from damformer.engine.batch import BatchPlan, keep_global_batch, plan_batch, warn_if_unstated
 from damformer.engine.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
@@ -35,7 +37,7 @@ from damformer.engine.checkpoint import (
     set_rng_state,
 )
 from damformer.engine.cpu_memory import retain_freed_memory
-from damformer.engine.data import keep_global_batch, open_shard_sets, training_streams
+from damformer.engine.data import open_shard_sets, training_streams
 from damformer.engine.device import amp_context, resolve_device
 from damformer.engine.distributed import DistContext, barrier, gather_objects, sum_over_ranks
 from damformer.engine.metrics import MetricsQueue
@@ -80,8 +82,16 @@ class Trainer:
     """
 
     def __init__(self, config: RunConfig, dist: DistContext | None = None) -> None:
-        self.config, self.dist = config, dist or DistContext()
-        rank = self.dist.rank
+        self.dist = dist or DistContext()
+        # The config as stated (config.yaml, checkpoints, resume checks) and as run: the batch keys
+        # resolved for this number of processes, before anything is built (a refusal costs nothing).
+        self.stated_config, self.config = config, copy.deepcopy(config)
+        self.batch = plan_batch(
+            global_batch=config.data.global_batch, batch_size=config.data.batch_size,
+            grad_accum=config.optim.grad_accum, world_size=self.dist.world_size,
+        )  # fmt: skip
+        self._use_batch(self.batch)
+        config, rank = self.config, self.dist.rank
         self.output_dir = Path(config.run.output_dir)
         self.device = resolve_device(config.run.device)
         if self.device.type == "cuda" and self.dist.enabled:
@@ -118,8 +128,13 @@ class Trainer:
 
     @property
     def global_batch(self) -> int:
-        """Samples per optimiser step over all ranks: batch x world size x grad_accum."""
-        return self.config.data.batch_size * self.dist.world_size * self.config.optim.grad_accum
+        """Source samples per optimiser step over all ranks: batch x world size x grad_accum."""
+        return self.batch.global_batch
+
+    def _use_batch(self, plan: BatchPlan) -> None:
+        """Run with ``plan``: the per-process batch and accumulation of the config as run."""
+        self.batch = plan
+        self.config.data.batch_size, self.config.optim.grad_accum = plan.micro_batch, plan.accumulation
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -130,7 +145,7 @@ class Trainer:
             log.error("iteration %d: the student differs between ranks (digests %s)", self.iteration, digests)
         return {
             "iteration": self.iteration,
-            "config": self.config.to_dict(),
+            "config": self.stated_config.to_dict(),
             "model_name": self.config.model.name,
             "uda": self.uda.state_dict(),  # student, teacher, frozen encoder (rank 0's teacher BN stats)
             **self.strategy.state_dict(),  # optimiser and loss scale (DeepSpeed: in its shards)
@@ -151,12 +166,12 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any], *, where: Path) -> None:
         """Restore :meth:`state_dict`; refuses another model or config, and a global batch it cannot keep."""
-        check_resume(state["config"], self.config, where=where)
+        check_resume(state["config"], self.stated_config, where=where)
         saved_world = int(state.get("world_size", 1))
         if (reason := self.strategy.refuse_resume(state.get("engine", "single"), saved_world)) is not None:
             raise ConfigError(f"{where}: {reason}")
-        self.config.optim.grad_accum = keep_global_batch(
-            int(state["global_batch"]), config=self.config, world_size=self.dist.world_size, where=where
+        self._use_batch(
+            keep_global_batch(self.batch, int(state["global_batch"]), engine=self.strategy.name, where=where)
         )
         self.uda.load_state_dict(state["uda"])
         self.strategy.load_state_dict(state, where=where, output_dir=self.output_dir)
@@ -276,7 +291,7 @@ class Trainer:
             log.info("resumed from %s at iteration %d", checkpoint, self.iteration)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
-            dump_config(self.config, self.output_dir / "config.yaml")
+            dump_config(self.stated_config, self.output_dir / "config.yaml")
         hostnames = gather_objects(self.dist, hostname())  # collective: every rank calls it
         if self.dist.is_main and self.config.log.tracking:
             self.tracker = tracking.start_tracking(
@@ -284,9 +299,9 @@ class Trainer:
                 world_size=self.dist.world_size, hostnames=hostnames,
             )  # fmt: skip
             self.tracking_run_id = self.tracker.run_id or self.tracking_run_id
-        log.info("%d process(es) on %s, %s; global batch %d = %d per rank x %d rank(s) x %d accumulation",
-                 self.dist.world_size, self.device.type, self.config.run.precision, self.global_batch,
-                 self.config.data.batch_size, self.dist.world_size, self.config.optim.grad_accum)  # fmt: skip
+        log.info("%d process(es) on %s, %s; %s", self.dist.world_size, self.device.type,
+                 self.config.run.precision, self.batch.describe())  # fmt: skip
+        warn_if_unstated(self.batch)
 
     def _run(self, *, resume: bool | str, stop_after: int | None, stop: StopRequest) -> TrainResult:
         config = self.config

@@ -25,6 +25,10 @@ from damformer.models.utae import UTAE
 # maximum *altitude* of the metadata, which squeezes the band to ~0.005 and hides it from the network.
 AERIAL_MEAN = (123.675, 116.28, 103.53, 102.36, 16.70)
 AERIAL_STD = (58.395, 57.12, 57.375, 27.09, 15.85)
+# The authors' release (model.aerial_norm: released): RGB as above, NIR / 255, elevation / 3164.91.
+RELEASED_MEAN = (*AERIAL_MEAN[:3], 0.0, 0.0)
+RELEASED_STD = (*AERIAL_STD[:3], 255.0, 3164.91)
+AERIAL_NORMS = {"flair2": (AERIAL_MEAN, AERIAL_STD), "released": (RELEASED_MEAN, RELEASED_STD)}
 S2_SCALE = 10000.0  # reflectance x 10000 -> reflectance, after clipping negatives to 0
 
 BAND_SETS = {"rgb": (0, 1, 2), "rgbne": (0, 1, 2, 3, 4)}
@@ -43,6 +47,8 @@ class DAMFormer(nn.Module):
         fusion: deep temporal fusion into the encoder maps (with ``temporal``).
         lr_head: 1x1 conv from the U-TAE map to class logits (with ``temporal``).
         footprint: aerial footprint as a fraction of the Sentinel-2 crop side.
+        normalisation: ``flair2`` (NIR and elevation by FLAIR-2's statistics) or ``released`` (the
+            authors' NIR / 255 and elevation / 3164.91); RGB is ImageNet's in both.
 
     Forward returns ``{"hr": (B, K, H, W), "lr": (B, K, H, W) or None, "features": encoder maps}``;
     ``features`` are taken before fusion (the ImageNet feature distance compares those).
@@ -59,6 +65,7 @@ class DAMFormer(nn.Module):
         fusion: DeepTemporalFusion | None = None,
         lr_head: nn.Module | None = None,
         footprint: float = 0.256,
+        normalisation: str = "flair2",
     ) -> None:
         super().__init__()
         if (temporal is None) != (fusion is None) or (temporal is None) != (lr_head is None):
@@ -67,12 +74,9 @@ class DAMFormer(nn.Module):
         self.temporal, self.fusion, self.lr_head = temporal, fusion, lr_head
         self.footprint = footprint
         self.register_buffer("band_index", torch.tensor(list(bands)), persistent=False)
-        self.register_buffer(
-            "mean", torch.tensor([AERIAL_MEAN[b] for b in bands])[:, None, None], persistent=False
-        )
-        self.register_buffer(
-            "std", torch.tensor([AERIAL_STD[b] for b in bands])[:, None, None], persistent=False
-        )
+        mean, std = AERIAL_NORMS[normalisation]
+        self.register_buffer("mean", torch.tensor([mean[b] for b in bands])[:, None, None], persistent=False)
+        self.register_buffer("std", torch.tensor([std[b] for b in bands])[:, None, None], persistent=False)
 
     def normalise_aerial(self, aerial: torch.Tensor) -> torch.Tensor:
         """(B, 5, H, W) raw aerial (any dtype, 0..255) -> the model's bands, normalised float."""

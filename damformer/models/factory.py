@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from damformer.models.damformer import BAND_SETS, DAMFormer
+from damformer.models.damformer import AERIAL_NORMS, BAND_SETS, DAMFormer
 from damformer.models.fusion import FLAIR2_FOOTPRINT, DeepTemporalFusion
 from damformer.models.heads import DAFormerHead, SegFormerHead
 from damformer.models.mit import MIT_SPECS, MixTransformer
@@ -62,6 +62,8 @@ class ModelConfig:
             Sentinel-2 branch had learnt (benchmarks/RESULTS.md, "time series"). ``[]``: no fusion.
         fusion_zero_init: DTF's output layers start at zero, so the temporal branch enters gradually
             (ours; the released code initialises them randomly).
+        aerial_norm: ``flair2``: NIR and elevation standardised by FLAIR-2's train statistics (ours);
+            ``released``: the authors' NIR / 255 and elevation / 3164.91 (elevation then spans ~0.005).
         footprint: aerial footprint as a fraction of the Sentinel-2 crop side.
         s2_bands: Sentinel-2 bands.
         utae_widths: U-TAE encoder = decoder widths.
@@ -79,6 +81,7 @@ class ModelConfig:
     drop_path: float = 0.1
     fusion_levels: list[int] = field(default_factory=lambda: [-4, -3, -2, -1])
     fusion_zero_init: bool = True
+    aerial_norm: str = "flair2"
     footprint: float = FLAIR2_FOOTPRINT
     s2_bands: int = 10
     utae_widths: list[int] = field(default_factory=lambda: [64, 64, 128, 128])
@@ -88,6 +91,7 @@ class ModelConfig:
         _choice("model.arch", self.arch, ARCHS)
         _choice("model.bands", self.bands, tuple(BAND_SETS))
         _choice("model.head", self.head, ("daformer", "segformer"))
+        _choice("model.aerial_norm", self.aerial_norm, tuple(AERIAL_NORMS))
         if self.backbone is not None:
             _choice("model.backbone", self.backbone, tuple(MIT_SPECS))
         if self.band_init is not None:
@@ -170,6 +174,7 @@ def build_model(config: ModelConfig) -> DAMFormer:
         fusion=fusion,
         lr_head=lr_head,
         footprint=config.footprint,
+        normalisation=config.aerial_norm,
     )
 
 

@@ -2,7 +2,9 @@
 
 Two mIoU conventions, as FLAIR-2 reports: over the 13 classes, and over 12 (without "other"). The
 standard deviation is the sample one (n - 1) over the finished seeds; with one seed it is not given.
-Written as Markdown (``results.md``) and CSV (``results.csv`` per configuration, ``runs.csv`` per run).
+Written as Markdown (``results.md``) and CSV (``results.csv`` per configuration, ``runs.csv`` per run,
+``comparisons.csv`` per paired comparison when the study file has ``compare``: see
+:mod:`damformer.study.paired`).
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import numpy as np
 
 from damformer.atomic import atomic_write_bytes
 from damformer.data.classes import FLAIR_CLASSES
+from damformer.study.paired import METRICS, PairedResult, compare_rows, format_p
 from damformer.study.spec import Study, StudyRun
 from damformer.study.state import FINISHED, read_scores
 
 RESULTS_MD, RESULTS_CSV, RUNS_CSV = "results.md", "results.csv", "runs.csv"
+COMPARISONS_CSV = "comparisons.csv"
 
 
 @dataclass
@@ -139,7 +143,44 @@ def markdown(study: Study, rows: list[EntryRow]) -> str:
     for row in rows:
         values = ["-" if math.isnan(v) else f"{v:.1f}" for v in row.class_iou()]
         lines.append(f"| {row.name} | " + " | ".join(values) + " |")
+    lines += paired_markdown(paired_results(study, rows))
     return "\n".join(lines) + "\n"
+
+
+def paired_results(study: Study, rows: list[EntryRow]) -> list[list[PairedResult]]:
+    """Per comparison of the study file, one :class:`PairedResult` per metric (primary first)."""
+    by_seed = {row.name: {score.run.seed: score for score in row.runs} for row in rows}
+    return [
+        [compare_rows(row, baseline, by_seed, metric) for metric, _ in METRICS]
+        for row, baseline in study.comparisons
+    ]
+
+
+def paired_markdown(results: list[list[PairedResult]]) -> list[str]:
+    """The paired-comparison table's Markdown lines (empty without comparisons)."""
+    if not results:
+        return []
+    lines = [
+        "",
+        "Paired comparisons over the seeds both rows finished: difference row - baseline in percentage "
+        "points, mean ± paired standard deviation, seeds the row won, and the exact two-sided sign-flip "
+        "p-value. Primary metric: mIoU 13; secondary: the twin-class mean (coniferous, deciduous, "
+        "herbaceous, agricultural, bare soil, plowed), mIoU 12, accuracy.",
+        "",
+        "| row | baseline | seeds | " + " | ".join(f"{label} diff | p" for _, label in METRICS) + " |",
+        "|---|---|---|" + "---|---|" * len(METRICS),
+    ]
+    for per_metric in results:
+        first = per_metric[0]
+        cells = []
+        for result in per_metric:
+            shown = "-" if math.isnan(result.mean) else f"{result.mean:+.2f}"
+            if not math.isnan(result.sd):
+                shown += f" ± {result.sd:.2f}"
+            cells += [shown, format_p(result.p_value)]
+        won = f"{first.wins}/{len(first.seeds)}"
+        lines.append(f"| {first.row} | {first.baseline} | {won} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _csv(header: list[str], records: list[list[object]]) -> bytes:
@@ -188,4 +229,15 @@ def write_tables(study: Study, rows: list[EntryRow]) -> list[Path]:
     atomic_write_bytes(written[0], markdown(study, rows).encode())
     atomic_write_bytes(written[1], _csv(header, per_entry))
     atomic_write_bytes(written[2], _csv(run_header, per_run))
+    if study.comparisons:
+        records = [
+            [r.row, r.baseline, r.metric, len(r.seeds), " ".join(map(str, r.seeds)), r.mean, r.sd, r.wins,
+             r.p_value]
+            for per_metric in paired_results(study, rows)
+            for r in per_metric
+        ]  # fmt: skip
+        header = ["row", "baseline", "metric", "seeds_paired", "seeds"]
+        header += ["mean_diff", "sd_diff", "wins", "p_value"]
+        atomic_write_bytes(out / COMPARISONS_CSV, _csv(header, records))
+        written.append(out / COMPARISONS_CSV)
     return written

@@ -15,6 +15,9 @@
     tracking_uri: null                   # default: sqlite:///OUTPUT/mlflow.db (artifacts: OUTPUT/mlartifacts)
     figure:
       patch: null                        # target test patch of the figure; null: most building pixels
+    compare:                             # paired comparisons over the shared seeds (damformer.study.paired)
+      baseline: source-only              # every other row against this one
+      pairs: [[damformer, uda-unet_t]]   # and/or explicit (row, baseline) pairs
 
 Overrides apply in this order: the config file, the study's ``set``, the entry's ``set``, the command
 line's ``--set``, then the run's seed and folder.
@@ -33,6 +36,7 @@ from damformer.config import read_yaml
 from damformer.errors import DamformerError
 
 STUDY_KEYS = ("name", "output_dir", "seeds", "set", "configs", "tracking", "tracking_uri", "figure")
+STUDY_KEYS += ("compare",)
 ENTRY_KEYS = ("name", "config", "set")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -77,6 +81,7 @@ class Study:
     tracking: bool = True
     tracking_uri: str | None = None
     figure_patch: str | None = None
+    comparisons: list[tuple[str, str]] = field(default_factory=list)  # (row, baseline)
     extra_overrides: list[str] = field(default_factory=list)  # the command line's --set
 
     @property
@@ -160,6 +165,31 @@ def _entries(value: Any, path: Path) -> list[StudyEntry]:
     return entries
 
 
+def _comparisons(value: Any, entries: list[StudyEntry], path: Path) -> list[tuple[str, str]]:
+    """``compare: {baseline: NAME, pairs: [[ROW, BASELINE], ...]}`` as (row, baseline) pairs, in order."""
+    if value is None:
+        return []
+    where = f"{path}: compare"
+    if not isinstance(value, dict) or set(value) - {"baseline", "pairs"}:
+        raise StudyError(f"{where}: expected a mapping with baseline and/or pairs")
+    names = [entry.name for entry in entries]
+    pairs: list[tuple[str, str]] = []
+    baseline = value.get("baseline")
+    if baseline is not None:
+        pairs += [(name, str(baseline)) for name in names if name != baseline]
+    listed = value.get("pairs") or []
+    if not isinstance(listed, list) or not all(isinstance(p, list) and len(p) == 2 for p in listed):
+        raise StudyError(f"{where}.pairs: expected a list of [row, baseline] pairs")
+    pairs += [(str(row), str(base)) for row, base in listed if (str(row), str(base)) not in pairs]
+    for row, base in pairs:
+        for name in (row, base):
+            if name not in names:
+                raise StudyError(f"{where}: {name!r} is not a row of the study (rows: {', '.join(names)})")
+        if row == base:
+            raise StudyError(f"{where}: {row!r} compared with itself")
+    return pairs
+
+
 def load_study(
     path: Path | str, *, overrides: list[str] | None = None, output_dir: Path | None = None
 ) -> Study:
@@ -193,13 +223,15 @@ def load_study(
     tracking = values.get("tracking", True)
     if not isinstance(tracking, bool):
         raise StudyError(f"{path}: tracking: expected true or false, found {tracking!r}")
+    entries = _entries(values.get("configs"), path)
     return Study(
         path=path,
         name=name,
         output_dir=Path(output_dir or values.get("output_dir") or Path("runs") / "studies" / name),
         seeds=list(seeds),
         overrides=_assignments(values.get("set"), f"{path}: set"),
-        entries=_entries(values.get("configs"), path),
+        entries=entries,
+        comparisons=_comparisons(values.get("compare"), entries, path),
         tracking=tracking,
         tracking_uri=values.get("tracking_uri"),
         figure_patch=figure.get("patch"),
