@@ -32,6 +32,9 @@ class DataConfig:
 
     Attributes:
         source, target, target_test: shard-set folders (each a list).
+        target_val: labelled target shard sets set aside for choosing recipes (e.g. a labelled north
+            split): scored at the end beside ``target_test`` (``scores.json`` "validation"), so that
+            choices are made without looking at the test split. Optional.
         source_domains, target_domains: restrict the sets to these domains (ids, prefixes, presets).
         global_batch: source samples per optimiser step over every process (the target stream takes as
             many): the recipe's batch, the same on 1 GPU or 64 (DAFormer and DAM-Former: 2). The
@@ -53,6 +56,7 @@ class DataConfig:
     source: list[str] = field(default_factory=list)
     target: list[str] = field(default_factory=list)
     target_test: list[str] = field(default_factory=list)
+    target_val: list[str] = field(default_factory=list)
     source_domains: list[str] | None = None
     target_domains: list[str] | None = None
     global_batch: int | None = None
@@ -349,7 +353,8 @@ def load_config(
 
     An overlay holds sections like a config; each of its values replaces the one before it
     (``configs/ablation/miniature.yaml`` turns an ablation cell into a miniature run).
-    ``check_files=False`` skips checks of files the run reads (pretrained weights): for plans and dry runs.
+    ``check_files=False`` skips the checks of what the run reads (shard sets named, pretrained weights
+    present): for plans and dry runs.
 
     Raises:
         ConfigError: unreadable YAML, unknown keys, wrong types or bad values, naming the key.
@@ -419,9 +424,9 @@ def validate(config: RunConfig, *, check_files: bool = True) -> None:
         value = getattr(config.data, key)
         if value is not None and value < 1:
             raise ConfigError(f"data.{key}: expected >= 1 (or null), found {value}")
-    if not config.data.source:
+    if check_files and not config.data.source:
         raise ConfigError("data.source: expected at least one source shard set (damformer shard --out DIR)")
-    if config.uda.enabled and not config.data.target:
+    if check_files and config.uda.enabled and not config.data.target:
         raise ConfigError("data.target: UDA needs a target shard set (or set uda.enabled=false)")
     if config.run.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"run.precision: expected fp32, bf16 or fp16, found {config.run.precision!r}")
@@ -552,7 +557,7 @@ def _validate_ranges(config: RunConfig) -> None:
 # and the device. Anything else would continue a run with a mix of two experiments' settings.
 # optim.grad_accum: on resume it follows from the checkpoint's global batch (engine/data.py).
 RESUMABLE = ("optim.max_iters", "optim.grad_accum", "eval.", "log.", "data.source", "data.target",
-             "data.target_test", "run.output_dir", "run.device")  # fmt: skip
+             "data.target_test", "data.target_val", "run.output_dir", "run.device")  # fmt: skip
 
 
 def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """A training run's data: shard sets checked against the model, and the training streams.
 
-Checked before any compute, for every set (source, target, target test) and each of its folders: it fits
-the model (classes, labels, Sentinel-2: ``ShardSet.check_fits``; aerial bands; the model's footprint
-against its aerial patches and Sentinel-2 crops), and it is alike the others (patch size; for +T
-models the Sentinel-2 crop size and monthly or single dates).
+Checked before any compute, for every set (source, target, target test and val) and each of its
+folders: it fits the model (classes, labels, Sentinel-2: ``ShardSet.check_fits``; aerial bands; the
+model's footprint against its aerial patches and Sentinel-2 crops), and it is alike the others
+(patch size; for +T models the Sentinel-2 crop size and monthly or single dates).
 """
 
 from __future__ import annotations
@@ -23,13 +23,17 @@ from damformer.models.damformer import BAND_SETS
 log = logging.getLogger(__name__)
 
 
-def open_shard_sets(config: RunConfig) -> tuple[ShardSet, ShardSet | None, ShardSet | None]:
-    """Open the source, target and target-test sets and check they fit the model and each other."""
+def open_shard_sets(config: RunConfig) -> dict[str, ShardSet | None]:
+    """Open the source, target, target-test and target-val sets; check they fit the model and each other.
+
+    Returns them by role (``source``, ``target``, ``target_test``, ``target_val``; None when not set).
+    """
     data, model = config.data, config.model
     sets = {
         "source": ShardSet(data.source, domains=data.source_domains),
         "target": ShardSet(data.target, domains=data.target_domains) if config.uda.enabled else None,
         "target_test": ShardSet(data.target_test, domains=data.target_domains) if data.target_test else None,
+        "target_val": ShardSet(data.target_val, domains=data.target_domains) if data.target_val else None,
     }
     reference: SetGeometry | None = None
     for role, shard_set in sets.items():
@@ -44,7 +48,7 @@ def open_shard_sets(config: RunConfig) -> tuple[ShardSet, ShardSet | None, Shard
                 reference = geometry
             else:
                 _check_alike(geometry, reference, role=f"data.{role}", temporal=model.temporal)
-    return sets["source"], sets["target"], sets["target_test"]
+    return sets
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import torch
 
 from damformer.atomic import atomic_write_bytes
 from damformer.config import ConfigError, RunConfig, check_resume, dump_config
+from damformer.data.loader import ShardSet
 from damformer.engine.batch import BatchPlan, keep_global_batch, plan_batch, warn_if_unstated
 from damformer.engine.checkpoint import (
     CHECKPOINT_NAME,
@@ -98,7 +99,9 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         retain_freed_memory(self.device)  # on CPU: no page faults on activations at every step
         self.autocast, scaler = amp_context(config.run.precision, self.device)
-        self.source_set, self.target_set, self.test_set = open_shard_sets(config)
+        sets = open_shard_sets(config)
+        self.source_set, self.target_set = sets["source"], sets["target"]
+        self.test_set, self.val_set = sets["target_test"], sets["target_val"]
         torch.manual_seed(config.run.seed)  # the same initial weights on every rank
         model = build_model(config.model)
         if config.dist.sync_bn and self.dist.enabled:
@@ -245,21 +248,26 @@ class Trainer:
         """The network scored on the target: the student, or the EMA teacher with eval.teacher."""
         return self.uda.teacher.model if (self.config.eval.teacher and self.uda.teacher) else self.model
 
-    def evaluate(self) -> SegmentationScores | None:
-        """Score the student (or the teacher, with eval.teacher) on the target test set."""
+    def evaluate(self, shard_set: ShardSet | None = None) -> SegmentationScores | None:
+        """Score the student (or the teacher, with eval.teacher) on the target test set (or ``shard_set``)."""
+        if shard_set is not None:
+            return self._score(shard_set)
         if self.test_set is None:
             return None
-        result = evaluate(
-            self.eval_model, self.test_set, num_classes=self.config.model.num_classes,
-            batch_size=self.config.eval.batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
-            reduce=lambda matrix: sum_over_ranks(self.dist, matrix), autocast=self.autocast,
-        )  # fmt: skip
+        result = self._score(self.test_set)
         record = {"iteration": self.iteration, "miou": result.miou, "accuracy": result.accuracy}
         self.evaluations.append({**record, "iou": list(result.iou)})
         self.tracker.log_metrics(tracking.eval_metrics(result), step=self.iteration)
         log.info("iteration %d: target mIoU %.2f, accuracy %.2f (%s)", self.iteration, 100 * result.miou,
                  100 * result.accuracy, "teacher" if self.config.eval.teacher else "student")  # fmt: skip
         return result
+
+    def _score(self, shard_set: ShardSet) -> SegmentationScores:
+        return evaluate(
+            self.eval_model, shard_set, num_classes=self.config.model.num_classes,
+            batch_size=self.config.eval.batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
+            reduce=lambda matrix: sum_over_ranks(self.dist, matrix), autocast=self.autocast,
+        )  # fmt: skip
 
     def run(self, *, resume: bool | str = False, stop_after: int | None = None) -> TrainResult:
         """Train to ``optim.max_iters``, or stop (with a checkpoint) once iteration ``stop_after`` is done.
@@ -348,11 +356,16 @@ class Trainer:
             if not saved_at_end:
                 self.save()
             scores = self.evaluate()
+            validation = self.evaluate(self.val_set) if self.val_set is not None else None
+            if validation is not None:
+                log.info("target validation mIoU %.2f, accuracy %.2f", 100 * validation.miou,
+                         100 * validation.accuracy)  # fmt: skip
             if scores is not None:
                 self.save()
             if scores is not None and self.dist.is_main:
                 tracking.report_end(
                     config, self.output_dir, scores, model=self.eval_model, test_set=self.test_set,
                     tracker=self.tracker, iteration=self.iteration, autocast=self.autocast,
+                    validation=validation,
                 )  # fmt: skip
         return TrainResult(self.output_dir, self.iteration, self.history, scores)

@@ -37,6 +37,7 @@ class RunScores:
     miou_without_other: float
     accuracy: float
     iou: list[float]
+    val_miou: float = math.nan  # mIoU 13 on data.target_val, when the run had one
 
 
 @dataclass
@@ -67,6 +68,11 @@ class EntryRow:
     def miou_without_other(self) -> tuple[float, float]:
         """MIoU without "other" (12 classes), mean and std in percent."""
         return self.stats([r.miou_without_other for r in self.runs])
+
+    @property
+    def val_miou(self) -> tuple[float, float]:
+        """MIoU 13 on the validation split (data.target_val), mean and std in percent (NaN without)."""
+        return self.stats([r.val_miou for r in self.runs if not math.isnan(r.val_miou)])
 
     @property
     def accuracy(self) -> tuple[float, float]:
@@ -105,8 +111,12 @@ def collect_rows(study: Study, statuses: dict[str, str]) -> list[EntryRow]:
             if without_other is None:  # scores.json of an older damformer: computed the same way here
                 kept = np.asarray(iou[:-1])
                 without_other = float(np.nanmean(kept)) if np.isfinite(kept).any() else math.nan
+            validation = scores.get("validation") or {}
+            val_miou = float(validation["miou"]) if validation.get("miou") is not None else math.nan
             row.runs.append(
-                RunScores(run, float(scores["miou"]), float(without_other), float(scores["accuracy"]), iou)
+                RunScores(
+                    run, float(scores["miou"]), float(without_other), float(scores["accuracy"]), iou, val_miou
+                )
             )
         rows.append(row)
     return rows
@@ -122,6 +132,9 @@ def _pm(value: tuple[float, float]) -> str:
 def markdown(study: Study, rows: list[EntryRow]) -> str:
     """The two Markdown tables: summary per configuration, then IoU per class."""
     seeds = ", ".join(map(str, study.seeds))
+    own = [f"{e.name}: {', '.join(map(str, e.seeds))}" for e in study.entries if e.seeds is not None]
+    if own:
+        seeds += f" (rows with seeds of their own: {'; '.join(own)})"
     lines = [
         f"# Study {study.name}",
         "",
@@ -131,10 +144,16 @@ def markdown(study: Study, rows: list[EntryRow]) -> str:
         "| configuration | model | inputs | training | seeds | mIoU 13 | mIoU 12 | accuracy |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    with_val = any(not math.isnan(r.val_miou) for row in rows for r in row.runs)
+    if with_val:
+        lines[2] += " Val: mIoU 13 on the validation split (data.target_val), for choosing recipes."
+        lines[4] += " val mIoU 13 |"
+        lines[5] += "---|"
     for row in rows:
         lines.append(
             f"| {row.name} | {row.model} | {row.inputs} | {row.training} | {len(row.runs)}/{row.expected} | "
             f"{_pm(row.miou)} | {_pm(row.miou_without_other)} | {_pm(row.accuracy)} |"
+            + (f" {_pm(row.val_miou)} |" if with_val else "")
         )
     names = [cls.name for cls in FLAIR_CLASSES]
     lines += ["", "IoU per class (mean over seeds, percent):", ""]
@@ -165,7 +184,8 @@ def paired_markdown(results: list[list[PairedResult]]) -> list[str]:
         "Paired comparisons over the seeds both rows finished: difference row - baseline in percentage "
         "points, mean ± paired standard deviation, seeds the row won, and the exact two-sided sign-flip "
         "p-value. Primary metric: mIoU 13; secondary: the twin-class mean (coniferous, deciduous, "
-        "herbaceous, agricultural, bare soil, plowed), mIoU 12, accuracy.",
+        "herbaceous, agricultural, bare soil, plowed), mIoU 12, accuracy, and mIoU 13 on the validation "
+        "split (where runs have one).",
         "",
         "| row | baseline | seeds | " + " | ".join(f"{label} diff | p" for _, label in METRICS) + " |",
         "|---|---|---|" + "---|---|" * len(METRICS),
@@ -211,7 +231,7 @@ def write_tables(study: Study, rows: list[EntryRow]) -> list[Path]:
     ]  # fmt: skip
     per_run = [
         [row.name, score.run.seed, 100 * score.miou, 100 * score.miou_without_other, 100 * score.accuracy,
-         *(100 * v for v in score.iou), str(score.run.output_dir)]
+         *(100 * v for v in score.iou), 100 * score.val_miou, str(score.run.output_dir)]
         for row in rows
         for score in row.runs
     ]  # fmt: skip
@@ -222,6 +242,7 @@ def write_tables(study: Study, rows: list[EntryRow]) -> list[Path]:
         "miou12",
         "accuracy",
         *[f"iou_{n}" for n in names],
+        "val_miou13",
         "run_dir",
     ]
     out = study.output_dir

@@ -58,8 +58,9 @@ def train_arguments(
 def dry_run_lines(
     study: Study, runs: list[StudyRun], *, parent_run_id: str | None, tracking_uri: str | None
 ) -> list[str]:
-    """One shell line per run (for another scheduler), then the collecting command."""
-    lines = [
+    """A comment per entry (what it trains, resolved), a shell line per run, then the collecting command."""
+    lines = [entry_summary(study, entry_runs[0]) for entry_runs in _by_entry(runs)]
+    lines += [
         shlex.join(
             [
                 "damformer",
@@ -75,6 +76,35 @@ def dry_run_lines(
         )
     )
     return lines
+
+
+def _by_entry(runs: list[StudyRun]) -> list[list[StudyRun]]:
+    groups: dict[str, list[StudyRun]] = {}
+    for run in runs:
+        groups.setdefault(run.entry.name, []).append(run)
+    return list(groups.values())
+
+
+def entry_summary(study: Study, run: StudyRun) -> str:
+    """``# NAME: model, fusion, training, batch`` as the entry's config resolves (a shell comment)."""
+    from damformer.engine.batch import plan_batch
+
+    config = study.resolved_config(run, check_files=False)
+    model, uda = config.model, config.uda
+    parts = [model.name, model.mit_size if model.arch != "unet_c" else "CNN encoder"]
+    if model.temporal:
+        parts.append(f"DTF levels {model.fusion_levels} (zero-init {str(model.fusion_zero_init).lower()})")
+    parts.append("UDA" if uda.enabled else "source only")
+    if uda.enabled and model.temporal:
+        parts.append(f"ML {uda.lr_weight:g}, EP {uda.ensemble_lr_weight:g}")
+    batch = plan_batch(
+        global_batch=config.data.global_batch, batch_size=config.data.batch_size,
+        grad_accum=config.optim.grad_accum, world_size=1,
+    )  # fmt: skip
+    stated = "" if batch.stated else " per process (data.global_batch not set)"
+    parts.append(f"global batch {batch.global_batch} + {batch.global_batch}{stated}")
+    parts.append(f"{config.optim.max_iters} iterations")
+    return f"# {run.entry.name}: " + ", ".join(parts)
 
 
 def write_task_file(
@@ -177,7 +207,10 @@ def run_local(
     """Train every unfinished run, ``jobs`` at a time. Returns the outcomes and whether a stop was asked."""
     if jobs < 1:
         raise StudyError(f"--jobs {jobs}: expected >= 1")
-    todo = [run for run in study.runs if status(study, run, state) != FINISHED]
+    # Seed by seed (every row's first seed, then every row's second...): a study stopped half-way
+    # holds complete pairs of rows to compare, not some rows with every seed and others with none.
+    runs = sorted(enumerate(study.runs), key=lambda item: (_seed_rank(study, item[1]), item[0]))
+    todo = [run for _, run in runs if status(study, run, state) != FINISHED]
     done = len(study.runs) - len(todo)
     if done:
         log.info("%d of %d runs already finished: skipped", done, len(study.runs))
@@ -195,6 +228,12 @@ def run_local(
             else:
                 log.info(message)
         return outcomes, stop.requested
+
+
+def _seed_rank(study: Study, run: StudyRun) -> int:
+    """The position of ``run``'s seed in its entry's seed list (0 for the first seed)."""
+    seeds = study.seeds if run.entry.seeds is None else list(run.entry.seeds)
+    return seeds.index(run.seed)
 
 
 def _launch(

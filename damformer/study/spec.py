@@ -8,9 +8,10 @@
       optim.max_iters: 40000
     configs:                             # paths or globs (relative to the working folder), or entries
       - configs/ablation/*-*.yaml        # one row per file, named after it (damformer-rgbne-t)
-      - name: damformer-no-ml            # an entry of its own: a config plus its own overrides
+      - name: damformer-no-ep            # an entry of its own: a config plus its own overrides
         config: configs/ablation/damformer-rgbne-t.yaml
-        set: {uda.lr_weight: 0}
+        set: {uda.ensemble_lr_weight: 0}
+        seeds: [0, 1]                    # its own seeds (default: the study's)
     tracking: true                       # MLflow parent run + nested runs (default: true)
     tracking_uri: null                   # default: sqlite:///OUTPUT/mlflow.db (artifacts: OUTPUT/mlartifacts)
     figure:
@@ -37,7 +38,7 @@ from damformer.errors import DamformerError
 
 STUDY_KEYS = ("name", "output_dir", "seeds", "set", "configs", "tracking", "tracking_uri", "figure")
 STUDY_KEYS += ("compare",)
-ENTRY_KEYS = ("name", "config", "set")
+ENTRY_KEYS = ("name", "config", "set", "seeds")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -52,6 +53,7 @@ class StudyEntry:
     name: str
     config: Path
     overrides: tuple[str, ...] = ()
+    seeds: tuple[int, ...] | None = None  # None: the study's seeds
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ class Study:
         return [
             StudyRun(entry, seed, self.output_dir / "runs" / entry.name / f"seed-{seed}")
             for entry in self.entries
-            for seed in self.seeds
+            for seed in (self.seeds if entry.seeds is None else entry.seeds)
         ]
 
     def run_overrides(self, run: StudyRun) -> list[str]:
@@ -103,12 +105,12 @@ class Study:
             f"run.output_dir={run.output_dir}",
         ]
 
-    def resolved_config(self, run: StudyRun) -> Any:
+    def resolved_config(self, run: StudyRun, *, check_files: bool = True) -> Any:
         """The run's validated :class:`damformer.config.RunConfig` (errors name the study entry)."""
         from damformer.config import ConfigError, load_config
 
         try:
-            return load_config(run.entry.config, self.run_overrides(run))
+            return load_config(run.entry.config, self.run_overrides(run), check_files=check_files)
         except ConfigError as exc:
             raise StudyError(f"{self.path}: {run.key} ({run.entry.config}): {exc}") from None
 
@@ -144,9 +146,15 @@ def _entries(value: Any, path: Path) -> list[StudyEntry]:
                     f"{where}: keys {', '.join(ENTRY_KEYS)} (config required), found {', '.join(item)}"
                 )
             config = Path(item["config"])
+            seeds = item.get("seeds")
+            if seeds is not None:
+                seeds = tuple(_seeds(seeds, f"{where}: seeds"))
             entries.append(
                 StudyEntry(
-                    str(item.get("name", config.stem)), config, tuple(_assignments(item.get("set"), where))
+                    str(item.get("name", config.stem)),
+                    config,
+                    tuple(_assignments(item.get("set"), where)),
+                    seeds,
                 )
             )
         else:
@@ -163,6 +171,18 @@ def _entries(value: Any, path: Path) -> list[StudyEntry]:
             f"{path}: entry names must be unique, repeated: {', '.join(repeated)} (give each a name:)"
         )
     return entries
+
+
+def _seeds(seeds: Any, where: str) -> list[int]:
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
+        raise StudyError(f"{where}: expected a non-empty list of integers, found {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise StudyError(f"{where}: repeated values in {seeds}")
+    return list(seeds)
 
 
 def _comparisons(value: Any, entries: list[StudyEntry], path: Path) -> list[tuple[str, str]]:
@@ -208,15 +228,7 @@ def load_study(
     name = str(values.get("name") or path.stem)
     if not _NAME.match(name):
         raise StudyError(f"{path}: name {name!r}: use letters, digits and . _ + - only")
-    seeds = values.get("seeds", [0])
-    if (
-        not isinstance(seeds, list)
-        or not seeds
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
-    ):
-        raise StudyError(f"{path}: seeds: expected a non-empty list of integers, found {seeds!r}")
-    if len(set(seeds)) != len(seeds):
-        raise StudyError(f"{path}: seeds: repeated values in {seeds}")
+    seeds = _seeds(values.get("seeds", [0]), f"{path}: seeds")
     figure = values.get("figure") or {}
     if not isinstance(figure, dict) or set(figure) - {"patch"}:
         raise StudyError(f"{path}: figure: expected a mapping with the key patch")

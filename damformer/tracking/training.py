@@ -160,11 +160,21 @@ def report_end(
     tracker: Tracker,
     iteration: int,
     autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    validation: SegmentationScores | None = None,
 ) -> None:
-    """Rank 0 at the end of a run: scores.json, the figures, and the run's artifacts for the tracker."""
+    """Rank 0 at the end of a run: scores.json, the figures, and the run's artifacts for the tracker.
+
+    ``validation``: the scores on ``data.target_val``, kept in scores.json under "validation" and
+    logged as ``val mIoU`` / ``val accuracy``.
+    """
     from damformer.atomic import atomic_write_bytes
 
     payload = scores.to_json(iteration=iteration, seed=config.run.seed)
+    if validation is not None:
+        payload["validation"] = {k: v for k, v in validation.to_json().items() if k != "confusion_matrix"}
+        tracker.log_metrics(
+            {"val mIoU": 100 * validation.miou, "val accuracy": 100 * validation.accuracy}, step=iteration
+        )
     atomic_write_bytes(output_dir / "scores.json", json.dumps(payload).encode())
     title = f"{run_name(config)}: target test, mIoU {100 * scores.miou:.2f}"
     figures = write_figures(
