@@ -4,16 +4,23 @@
 # and one dependent job (afterany) that collects the results (tables, figure, MLflow parent run).
 #
 #   bash slurm/study.sh STUDY.yaml [sbatch options of the trainings...] [-- damformer study options...]
-#   bash slurm/study.sh configs/studies/paper.yaml --partition=gpu --nodes=1 --gpus-per-node=4
+#   bash slurm/study.sh configs/studies/paper.yaml --partition=gpu
 #   bash slurm/study.sh configs/studies/paper.yaml --time=12:00:00 -- --tracking-uri http://mlflow:5000
 #
 # Run it where sbatch works (a login node), not with sbatch itself. Running it again submits only what
 # is not finished: finished runs are skipped, interrupted ones resume from their checkpoint.
-# The trainings' sbatch options override slurm/train.sh's #SBATCH defaults (V100 nodes: 2 nodes x 4
-# GPUs); the options after "--" go to every `damformer study` call (--set, --output-dir, --tracking-uri).
+# Each training is one array task on ONE GPU by default (STUDY_SBATCH below): the paper's recipe is 2
+# source + 2 target per optimiser step (data.global_batch), which 1 or 2 processes can split and 4
+# cannot, and Slurm packs several trainings on a node. The trainings' sbatch options come after those
+# defaults and override them (e.g. --gpus-per-node=2 for two processes per training; a config whose
+# global batch the processes cannot split is refused at start, naming the counts that can), then
+# slurm/train.sh's #SBATCH lines (V100 nodes) fill in the rest. The options after "--" go to every
+# `damformer study` call (--set, --output-dir, --tracking-uri).
 # Variables (exported to the jobs as sbatch does by default):
 #   DAMFORMER       the damformer command's Python         default: python (the one on PATH)
 #   MAX_PARALLEL    array tasks running at once (%N)        default: no limit
+#   STUDY_SBATCH    sbatch options of every training, before yours
+#                   default: "--nodes=1 --ntasks-per-node=1 --gpus-per-node=1 --cpus-per-task=8"
 #   COLLECT_SBATCH  sbatch options of the collecting job    default: "--cpus-per-task=4 --time=2:00:00"
 #   STUDY_POLL      seconds between the collecting job's checks that no requeued task is left (60)
 #   NPROC_PER_NODE, RDZV_PORT, LOG_DIR, MAX_RESTARTS: as for slurm/train.sh
@@ -58,10 +65,12 @@ done
 # "COUNT TASK_FILE": the unfinished runs, frozen for this submission (array task i = line i).
 read -r count task_file < <("$python" -m damformer study "$study" --slurm-tasks "${study_args[@]}")
 read -r -a collect_args <<< "${COLLECT_SBATCH:---cpus-per-task=4 --time=2:00:00}"
+# One GPU per training unless the caller's options (later on the line: they win) say otherwise.
+read -r -a training_defaults <<< "${STUDY_SBATCH:---nodes=1 --ntasks-per-node=1 --gpus-per-node=1 --cpus-per-task=8}"
 dependency=()
 if (( count > 0 )); then
     array_job=$(sbatch --parsable --job-name=damformer-study --array="0-$((count - 1))${MAX_PARALLEL:+%$MAX_PARALLEL}" \
-        "${sbatch_args[@]}" "$here/train.sh" --study-task "$task_file")
+        "${training_defaults[@]}" "${sbatch_args[@]}" "$here/train.sh" --study-task "$task_file")
     array_job="${array_job%%;*}"
     dependency=(--dependency="afterany:$array_job")
     echo "submitted job array $array_job: $count training(s) of $study ($task_file)"

@@ -235,7 +235,10 @@ class EpochStream:
                 f"training stream state: format {state.get('version')}, expected {self.VERSION} (a "
                 "checkpoint of an older damformer: start a new run)"
             )
-        for key in ("seed", "samples", "batch_size"):
+        # The per-rank batch may differ (another number of processes, or another split of a stated
+        # global batch): positions count global samples, and each optimiser step still takes the next
+        # global batch of them, whoever takes which.
+        for key in ("seed", "samples"):
             if state[key] != self.state_dict()[key]:
                 raise DamformerError(
                     f"training stream state: saved with {key}={state[key]}, this run has "

@@ -43,11 +43,10 @@ def open_shard_sets(config: RunConfig) -> dict[str, ShardSet | None]:
         shard_set.check_fits(model, role=f"data.{role}", labels=role != "target", folders=folders)
         for folder in folders:
             geometry = set_geometry(folder)
-            _check_model_fits(model, geometry, role=f"data.{role}")
-            if reference is None:
-                reference = geometry
-            else:
+            if reference is not None:  # first against the others: the message names both sets
                 _check_alike(geometry, reference, role=f"data.{role}", temporal=model.temporal)
+            _check_model_fits(model, geometry, role=f"data.{role}")
+            reference = reference or geometry
     return sets
 
 

@@ -165,3 +165,43 @@ def test_study_job_array_with_a_requeued_task_equals_a_local_run(slurm, study_fi
     table = (tmp_path / "slurm-study" / "results.csv").read_text()
     assert table.count("\n") == 3 and ",2,2," in table  # two configurations, 2 of 2 seeds each
     assert table == (tmp_path / "local-study" / "results.csv").read_text()
+
+
+def test_study_trainings_keep_the_configs_global_batch_on_two_ranks(slurm, study_file, study_sets, tmp_path):
+    """slurm/study.sh with two processes per training (a 2-GPU allocation's shape): the cell that states
+    a global batch of 2 trains with 2 (1 per rank); the one that states 3 stops at start, naming the
+    process counts that can split it."""
+    cell = Path(__file__).parents[2] / "configs" / "ablation" / "unet_t-rgbne.yaml"
+    entries = [
+        f"{{name: two, config: {cell}, set: {{data.global_batch: 2}}}}",
+        f"{{name: three, config: {cell}, set: {{data.global_batch: 3}}}}",
+    ]
+    study = study_file(tmp_path / "batch", entries, seeds=[0])
+    sets = study_sets(**{"optim.max_iters": 2, "log.tracking": False})
+    options = ["--output-dir", str(tmp_path / "out"), *[p for s in sets for p in ("--set", s)]]
+    trainings = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=15", f"--chdir={tmp_path}"]
+    trainings.append("--export=ALL,NPROC_PER_NODE=2")
+    slurm.env["COLLECT_SBATCH"] = f"--cpus-per-task=1 --time=15 --chdir={tmp_path}"
+    slurm.env["STUDY_POLL"] = "2"
+    submitted = slurm.run(
+        "bash", str(SLURM / "study.sh"), str(study), *trainings, "--", *options, timeout=120
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    array = re.search(r"submitted job array (\d+): 2 training", submitted.stdout).group(1)
+    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+    two = slurm.wait_for(f"{array}_0", lambda j: j["JobState"] in ended, timeout=300)
+    three = slurm.wait_for(f"{array}_1", lambda j: j["JobState"] in ended, timeout=300)
+    logs = {name: tmp_path / "logs" / f"damformer-study-{job['JobId']}" / "node-0.log" for name, job in
+            (("two", two), ("three", three))}  # fmt: skip
+    assert two["JobState"] == "COMPLETED", logs["two"].read_text()[-3000:]
+    checkpoint = load_checkpoint(tmp_path / "out" / "runs" / "two" / "seed-0" / "checkpoint.pt")
+    assert checkpoint["world_size"] == 2 and checkpoint["global_batch"] == 2
+    assert "global batch 2 source + 2 target per optimiser step (data.global_batch) = 1 per process x 2" in (
+        logs["two"].read_text()
+    )
+    assert three["JobState"] == "FAILED"
+    assert (
+        "data.global_batch 3 (source samples per optimiser step, the target as many) cannot be split over 2 "
+        "processes (1.5 each). Ways out: train on 1, 3 process(es)" in logs["three"].read_text()
+    )
+    assert not (tmp_path / "out" / "runs" / "three" / "seed-0" / "checkpoint.pt").exists()

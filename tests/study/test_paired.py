@@ -1,4 +1,4 @@
-"""Paired comparisons of a study: the sign-flip p-value by hand, the study's table and CSV, bad compare keys."""
+"""Paired comparisons of a study: the sign-flip p-value by hand, the study table and CSV, bad keys."""
 
 from __future__ import annotations
 
