@@ -207,9 +207,9 @@ def run_local(
     """Train every unfinished run, ``jobs`` at a time. Returns the outcomes and whether a stop was asked."""
     if jobs < 1:
         raise StudyError(f"--jobs {jobs}: expected >= 1")
-    # Seed by seed (every row's first seed, then every row's second...): a study stopped half-way
-    # holds complete pairs of rows to compare, not some rows with every seed and others with none.
-    runs = sorted(enumerate(study.runs), key=lambda item: (_seed_rank(study, item[1]), item[0]))
+    # Seed by seed (every row's lowest seed, then the next...): a study stopped half-way holds complete
+    # pairs of rows to compare, not some rows with every seed and others with none.
+    runs = sorted(enumerate(study.runs), key=lambda item: (item[1].seed, item[0]))
     todo = [run for _, run in runs if status(study, run, state) != FINISHED]
     done = len(study.runs) - len(todo)
     if done:
@@ -228,12 +228,6 @@ def run_local(
             else:
                 log.info(message)
         return outcomes, stop.requested
-
-
-def _seed_rank(study: Study, run: StudyRun) -> int:
-    """The position of ``run``'s seed in its entry's seed list (0 for the first seed)."""
-    seeds = study.seeds if run.entry.seeds is None else list(run.entry.seeds)
-    return seeds.index(run.seed)
 
 
 def _launch(

@@ -81,9 +81,15 @@ def test_source_only_baseline(tiny_overrides, tmp_path):
 
 
 def test_feature_distance_region_loss_and_aerial_only_model(tiny_overrides, tmp_path):
+    from transformers import SegformerConfig, SegformerModel
+
+    # The feature distance is to ImageNet weights: a MiT-b0 checkpoint on disk stands in for them (a model
+    # without pretrained weights is refused, tests/engine/test_recipe.py).
+    torch.manual_seed(0)
+    SegformerModel(SegformerConfig()).save_pretrained(tmp_path / "mit_b0")
     overrides = tiny_overrides(
         tmp_path / "fd",
-        model={"temporal": False},
+        model={"temporal": False, "pretrained": str(tmp_path / "mit_b0")},
         uda={"feature_distance": True, "fd_classes": list(range(13)), "region_loss": "dice"},
     )
     _, result = _train(overrides)

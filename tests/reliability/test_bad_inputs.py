@@ -77,7 +77,7 @@ def test_a_checkpoint_of_another_model_is_refused_in_the_library_too(tiny_overri
         ({"uda": {"enabled": False}}, "uda.enabled: True in the checkpoint, False now"),  # was a traceback
         (
             {"data": {"batch_size": 3}, "run": {"seed": 4}},
-            "data.batch_size: 2 in the checkpoint, 3 now; run.seed",
+            "data.batch_size: None in the checkpoint, 3 now; run.seed",
         ),
     ],
 )
