@@ -3,9 +3,9 @@
 #   usage: launch/miniature_data.sh [OUT_DIR]      (default runs/demo; damformer must be on PATH)
 # Writes OUT/flair2 (2 south + 2 north domains; per domain 3 train zones and 4 test zones of 16 patches
 # of 128 px), reads and validates the source and target domains, and shards them into OUT/shards:
-# south (labelled source), north (target, labels dropped), north-test (labelled target test split) and
-# south-test (labelled source test split, for supervised checks on the source domains); then verifies
-# every shard.
+# south (labelled source), north (target, labels dropped), north-test (labelled target test split),
+# north-labelled (the target's train split with labels: validation and oracle) and south-test (labelled
+# source test split, for supervised checks on the source domains); then verifies every shard.
 set -euo pipefail
 out="${1:-runs/demo}"
 mkdir -p "$out"
@@ -26,7 +26,11 @@ shard=(damformer shard --src "$out/flair2" --sat-size 16 --overwrite)
 "${shard[@]}" --domains south --out "$out/shards/south" --max-samples 8
 "${shard[@]}" --domains north --no-labels --out "$out/shards/north" --max-samples 8
 "${shard[@]}" --domains north --split test --out "$out/shards/north-test"
+# The north train split with its labels, which UDA never reads: the validation split on which recipes
+# are chosen (data.target_val), and the training set of the target-supervised oracle.
+"${shard[@]}" --domains north --out "$out/shards/north-labelled" --max-samples 8
 "${shard[@]}" --domains south --split test --out "$out/shards/south-test"
 
 echo "== verify every shard (sizes, sha256, every sample decodes)"
-damformer shard verify "$out/shards/south" "$out/shards/north" "$out/shards/north-test" "$out/shards/south-test"
+damformer shard verify "$out/shards/south" "$out/shards/north" "$out/shards/north-test" "$out/shards/south-test" \
+    "$out/shards/north-labelled"
