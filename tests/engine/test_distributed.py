@@ -111,6 +111,31 @@ def test_resume_on_one_then_three_ranks_equals_the_uninterrupted_run(tiny_overri
         assert a["loss_source"] == pytest.approx(b["loss_source"], rel=1e-4)
 
 
+def test_a_stated_global_batch_is_one_recipe_on_two_ranks_then_one(tiny_overrides, tmp_path):
+    """data.global_batch 2 (at most 1 sample per pass): 2 ranks take 1 each, then one process resumes with
+    1 x 2 accumulated: the weights of one uninterrupted single-process run of the same config."""
+    epochs = {**EQUIVALENT, "uda": {"enabled": False, "rcs": False}}
+    sections = {**epochs, "data": {"global_batch": 2, "batch_size": 1}}
+    with one_thread():
+        Trainer(load_config(None, tiny_overrides(tmp_path / "full", **sections))).run()
+    cut = tiny_overrides(tmp_path / "cut", **sections)
+    result = run(torchrun(standalone(2), cut, "--stop-after", "2"))
+    assert "(data.global_batch) = 1 per process x 2 process(es) x 1 accumulation" in result.stderr
+    with one_thread():
+        resumed = Trainer(load_config(None, cut))
+        assert (resumed.batch.micro_batch, resumed.batch.accumulation) == (1, 2)
+        resumed.run(resume=True)
+    final, full = (
+        load_checkpoint(tmp_path / "cut" / "checkpoint.pt"),
+        load_checkpoint(tmp_path / "full" / "checkpoint.pt"),
+    )
+    assert final["iteration"] == 4 and final["world_size"] == 1 and final["global_batch"] == 2
+    assert final["streams"]["source"]["position"] == full["streams"]["source"]["position"] == 8
+    ours, one = student(tmp_path / "cut" / "checkpoint.pt"), student(tmp_path / "full" / "checkpoint.pt")
+    for name, tensor in one.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_two_nodes_on_localhost(tiny_overrides, tmp_path):
     port = free_port()
     overrides = tiny_overrides(tmp_path / "nodes", optim={"max_iters": 2}, eval={"interval": 0})
