@@ -98,17 +98,19 @@ def test_resume_on_one_then_three_ranks_equals_the_uninterrupted_run(tiny_overri
         Trainer(load_config(None, cut)).run(resume=True, stop_after=4)  # accumulation 6 on one process
     result = run(torchrun(standalone(3), cut, "--resume"))  # accumulation 2 on three
     assert "gradient accumulation 2" in result.stderr
-    final, full = (
-        load_checkpoint(tmp_path / "cut" / "checkpoint.pt"),
-        load_checkpoint(tmp_path / "full" / "checkpoint.pt"),
-    )
+    final, full = _same_training(tmp_path / "cut", tmp_path / "full")
     assert final["iteration"] == 6 and final["world_size"] == 3 and final["global_batch"] == 6
     assert final["streams"]["source"]["position"] == full["streams"]["source"]["position"] == 36
-    ours, one = student(tmp_path / "cut" / "checkpoint.pt"), student(tmp_path / "full" / "checkpoint.pt")
-    for name, tensor in one.items():
-        torch.testing.assert_close(ours[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
     for a, b in zip(final["history"], full["history"], strict=True):
         assert a["loss_source"] == pytest.approx(b["loss_source"], rel=1e-4)
+
+
+def _same_training(cut, full) -> tuple[dict, dict]:
+    """Both runs' checkpoints, after checking their students are equal (to float tolerance)."""
+    ours, one = student(cut / "checkpoint.pt"), student(full / "checkpoint.pt")
+    for name, tensor in one.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    return load_checkpoint(cut / "checkpoint.pt"), load_checkpoint(full / "checkpoint.pt")
 
 
 def test_a_stated_global_batch_is_one_recipe_on_two_ranks_then_one(tiny_overrides, tmp_path):
@@ -125,15 +127,9 @@ def test_a_stated_global_batch_is_one_recipe_on_two_ranks_then_one(tiny_override
         resumed = Trainer(load_config(None, cut))
         assert (resumed.batch.micro_batch, resumed.batch.accumulation) == (1, 2)
         resumed.run(resume=True)
-    final, full = (
-        load_checkpoint(tmp_path / "cut" / "checkpoint.pt"),
-        load_checkpoint(tmp_path / "full" / "checkpoint.pt"),
-    )
+    final, full = _same_training(tmp_path / "cut", tmp_path / "full")
     assert final["iteration"] == 4 and final["world_size"] == 1 and final["global_batch"] == 2
     assert final["streams"]["source"]["position"] == full["streams"]["source"]["position"] == 8
-    ours, one = student(tmp_path / "cut" / "checkpoint.pt"), student(tmp_path / "full" / "checkpoint.pt")
-    for name, tensor in one.items():
-        torch.testing.assert_close(ours[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_two_nodes_on_localhost(tiny_overrides, tmp_path):

@@ -119,22 +119,31 @@ def test_shard_job_array_writes_one_shard_set_per_domain(slurm, tiny_shards, tmp
     assert "array task 2 has no domain" in (tmp_path / f"damformer-shard-{bad}_2.out").read_text()
 
 
+def _submit_study(
+    slurm, study: Path, tmp_path: Path, options: list[str], *, processes: int, cpus: int, runs: int
+):
+    """bash slurm/study.sh on the CPU node, PROCESSES per training; (array job id, collecting job id)."""
+    trainings = [*CPU_JOB[:2], f"--cpus-per-task={cpus}", "--time=15", f"--chdir={tmp_path}"]
+    trainings.append(f"--export=ALL,NPROC_PER_NODE={processes}")
+    slurm.env["COLLECT_SBATCH"] = f"--cpus-per-task=1 --time=15 --chdir={tmp_path}"
+    slurm.env["STUDY_POLL"] = "2"
+    submitted = slurm.run(
+        "bash", str(SLURM / "study.sh"), str(study), *trainings, "--", *options, timeout=120
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    array = re.search(rf"submitted job array (\d+): {runs} training", submitted.stdout).group(1)
+    collect = re.search(r"submitted collecting job (\d+)", submitted.stdout).group(1)
+    return array, collect
+
+
 def test_study_job_array_with_a_requeued_task_equals_a_local_run(slurm, study_file, study_sets, tmp_path):
     """slurm/study.sh: 2 configs x 2 seeds as a job array + the collecting job; one task is sent the
     pre-timeout signal mid-run, checkpoints, requeues and resumes: the table equals a local run's."""
     study = study_file(tmp_path / "grid", ["unet_t-rgbne", "unet_c-rgbne"], seeds=[0, 1])
     sets = study_sets(**{"optim.max_iters": 30, "log.checkpoint_interval": 1})
     study_options = ["--output-dir", str(tmp_path / "slurm-study")] + [p for s in sets for p in ("--set", s)]
-    trainings = [*CPU_JOB[:2], "--cpus-per-task=1", "--time=15", f"--chdir={tmp_path}"]
-    trainings.append("--export=ALL,NPROC_PER_NODE=1")  # one process per run, as the local study
-    slurm.env["COLLECT_SBATCH"] = f"--cpus-per-task=1 --time=15 --chdir={tmp_path}"
-    slurm.env["STUDY_POLL"] = "2"
-    submitted = slurm.run(
-        "bash", str(SLURM / "study.sh"), str(study), *trainings, "--", *study_options, timeout=120
-    )
-    assert submitted.returncode == 0, submitted.stderr
-    array = re.search(r"submitted job array (\d+): 4 training", submitted.stdout).group(1)
-    collect = re.search(r"submitted collecting job (\d+)", submitted.stdout).group(1)
+    # one process per run, as the local study
+    array, collect = _submit_study(slurm, study, tmp_path, study_options, processes=1, cpus=1, runs=4)
 
     # Task 1 (unet_t-rgbne, seed 1): the pre-timeout signal once it has a checkpoint.
     checkpoint = tmp_path / "slurm-study" / "runs" / "unet_t-rgbne" / "seed-1" / "checkpoint.pt"
@@ -179,15 +188,7 @@ def test_study_trainings_keep_the_configs_global_batch_on_two_ranks(slurm, study
     study = study_file(tmp_path / "batch", entries, seeds=[0])
     sets = study_sets(**{"optim.max_iters": 2, "log.tracking": False})
     options = ["--output-dir", str(tmp_path / "out"), *[p for s in sets for p in ("--set", s)]]
-    trainings = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=15", f"--chdir={tmp_path}"]
-    trainings.append("--export=ALL,NPROC_PER_NODE=2")
-    slurm.env["COLLECT_SBATCH"] = f"--cpus-per-task=1 --time=15 --chdir={tmp_path}"
-    slurm.env["STUDY_POLL"] = "2"
-    submitted = slurm.run(
-        "bash", str(SLURM / "study.sh"), str(study), *trainings, "--", *options, timeout=120
-    )
-    assert submitted.returncode == 0, submitted.stderr
-    array = re.search(r"submitted job array (\d+): 2 training", submitted.stdout).group(1)
+    array, _ = _submit_study(slurm, study, tmp_path, options, processes=2, cpus=2, runs=2)
     ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
     two = slurm.wait_for(f"{array}_0", lambda j: j["JobState"] in ended, timeout=300)
     three = slurm.wait_for(f"{array}_1", lambda j: j["JobState"] in ended, timeout=300)
