@@ -49,12 +49,12 @@ lint: install
 # on one worker, so each module-scoped fixture (trained checkpoints, the Slurm cluster) is built once
 # (--dist loadgroup, single tests handed out, measured no faster: 946 s against 918 s).
 test: lint
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m damformer.engine.deepspeed_engine
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m damformer.engine.strategies.deepspeed
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -n 2 --dist loadfile
 
 # The CPU suite (running time: benchmarks/RESULTS.md): detailed tables per script, then one summary of ratios.
 bench: install
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m damformer.engine.deepspeed_engine
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m damformer.engine.strategies.deepspeed
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python benchmarks/run_all.py
 
 clean-demo:

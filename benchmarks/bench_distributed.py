@@ -35,8 +35,8 @@ from common import machine_description, mib, peak_rss_bytes, print_table, synchr
 
 from damformer.config import DataConfig, DistConfig, RunConfig
 from damformer.engine import deepspeed_engine
-from damformer.engine.cpu_memory import retain_freed_memory
-from damformer.engine.distributed import DistContext, gather_objects, init_distributed, teardown
+from damformer.runtime.cpu_memory import retain_freed_memory
+from damformer.runtime.distributed import DistContext, gather_objects, init_distributed, teardown
 from damformer.engine.optim import build_optimizer
 from damformer.models.factory import ModelConfig, build_model
 from damformer.uda.dacs import SelfTraining

@@ -40,12 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_json
 
 from damformer.data import Flair2Dataset, webdataset_pipeline
-from damformer.data.collate import collate_samples
-from damformer.data.folder import RawTreeDataset
-from damformer.data.loader import LoaderOptions, ShardLoader, ShardSet
-from damformer.data.shard_format import compact_s2
-from damformer.data.shards import ShardWriteOptions, write_shards
-from damformer.data.synth import SynthOptions, generate
+from damformer.loading.collate import collate_samples
+from damformer.loading.rawtree import RawTreeDataset
+from damformer.loading.loader import LoaderOptions, ShardLoader
+from damformer.shards.shardset import ShardSet
+from damformer.shards.format import compact_s2
+from damformer.shards.writer import ShardWriteOptions, write_shards
+from damformer.miniature.synth import SynthOptions, generate
 from damformer.progress import set_quiet
 
 BATCH = 4

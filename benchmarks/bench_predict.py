@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, verdict
 
 from damformer.config import RunConfig
-from damformer.engine.checkpoint import save_checkpoint
+from damformer.runtime.artifacts import save_checkpoint
 from damformer.models.factory import ModelConfig, build_model
 
 

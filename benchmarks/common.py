@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from damformer.engine.cpu_memory import retain_freed_memory
+from damformer.runtime.cpu_memory import retain_freed_memory
 
 Step = Callable[[], Any]
 StepFactory = Callable[[], Step]

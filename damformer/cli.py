@@ -150,7 +150,7 @@ def _dataset_from_args(args: argparse.Namespace):  # noqa: ANN202 (import kept l
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from damformer.data.synth import SynthOptions, generate
+    from damformer.miniature.synth import SynthOptions, generate
 
     try:
         options = SynthOptions(
@@ -183,7 +183,7 @@ def _cmd_read(args: argparse.Namespace) -> int:
 
 
 def _cmd_shard(args: argparse.Namespace) -> int:
-    from damformer.data.shards import ShardWriteOptions, parse_size, write_shards
+    from damformer.shards.writer import ShardWriteOptions, parse_size, write_shards
 
     try:
         options = ShardWriteOptions(
@@ -203,7 +203,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
 
 
 def _cmd_shard_verify(args: argparse.Namespace) -> int:
-    from damformer.data.shards import verify_shards
+    from damformer.shards.writer import verify_shards
 
     for folder in args.dirs:
         result = verify_shards(folder)
@@ -253,9 +253,9 @@ def _add_shard_parsers(commands: argparse._SubParsersAction) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from damformer.config import load_config
-    from damformer.engine.device import resolve_device
-    from damformer.engine.distributed import init_distributed, teardown
     from damformer.engine.train import Trainer
+    from damformer.runtime.device import resolve_device
+    from damformer.runtime.distributed import init_distributed, teardown
     from damformer.tracking.mlflow_tracker import experiment_family
 
     if args.stop_after is not None and args.stop_after < 1:
@@ -293,7 +293,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _train_dry_run(config: RunConfig, world_size: int | None) -> int:
     """``train --dry-run``: what the config trains and how its batch splits, without building anything."""
-    from damformer.engine.batch import plan_batch
+    from damformer.config.batch import plan_batch
 
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
@@ -387,12 +387,13 @@ def _parse_bands(text: str) -> tuple[int, ...]:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from damformer.data.classes import FLAIR_CLASSES
-    from damformer.engine.cpu_memory import retain_freed_memory
-    from damformer.engine.device import amp_context, resolve_device
-    from damformer.engine.distributed import init_distributed, sum_over_ranks, teardown
     from damformer.predict.mosaic import MosaicOptions, SentinelStack, check_mosaic, predict_mosaics
-    from damformer.predict.run import Outputs, load_model, predict_flair2
+    from damformer.predict.run import Outputs, predict_flair2
     from damformer.predict.sliding import PatchPredictor
+    from damformer.runtime.artifacts import load_model
+    from damformer.runtime.cpu_memory import retain_freed_memory
+    from damformer.runtime.device import amp_context, resolve_device
+    from damformer.runtime.distributed import init_distributed, sum_over_ranks, teardown
 
     stride = _check_predict_options(args)
     model, model_config, state = load_model(args.checkpoint, teacher=args.teacher)
@@ -450,11 +451,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     from damformer.data.classes import FLAIR_CLASSES
-    from damformer.data.loader import ShardSet
-    from damformer.engine.cpu_memory import retain_freed_memory
-    from damformer.engine.device import resolve_device
     from damformer.eval.evaluate import evaluate
-    from damformer.predict.run import load_model
+    from damformer.runtime.artifacts import load_model
+    from damformer.runtime.cpu_memory import retain_freed_memory
+    from damformer.runtime.device import resolve_device
+    from damformer.shards.shardset import ShardSet
 
     if args.batch_size < 1:
         raise _OptionError(f"--batch-size {args.batch_size}: expected >= 1")
@@ -812,7 +813,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["launch"]:  # its own parser: what follows "--" is another damformer command
-        from damformer.engine.launch import main as launch_main
+        from damformer.runtime.launcher import main as launch_main
 
         return launch_main(argv[1:])
     for index in range(len(argv) - 1):  # 'shard verify DIR' reads better than a separate command name

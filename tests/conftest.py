@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from damformer.data import Flair2Dataset
-from damformer.data.shards import ShardWriteOptions, write_shards
-from damformer.data.synth import SynthOptions, generate
+from damformer.miniature.synth import SynthOptions, generate
+from damformer.shards.writer import ShardWriteOptions, write_shards
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs two pytest workers (pytest-xdist) on CI's two cores: one thread each, for the
@@ -74,7 +74,7 @@ def tiny_root(_tiny_template: Path, tmp_path: Path) -> Path:
 def demo_shards(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo's south train split as a shard set of 6 shards of at most 5 samples (read-only)."""
     from damformer.data import Flair2Dataset
-    from damformer.data.shards import ShardWriteOptions, write_shards
+    from damformer.shards.writer import ShardWriteOptions, write_shards
 
     out = tmp_path_factory.mktemp("shards") / "south"
     write_shards(Flair2Dataset(demo_root, domains=["south"]), out, ShardWriteOptions(max_samples=5))

@@ -38,7 +38,7 @@ import sys
 sys.path.insert(0, {str(BENCHMARKS)!r})
 import torch
 from common import measure_peak
-from damformer.engine.cpu_memory import retain_freed_memory
+from damformer.runtime.cpu_memory import retain_freed_memory
 retain_freed_memory()  # as the benchmarks run
 def factory():
     def step():

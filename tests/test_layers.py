@@ -3,8 +3,8 @@
 import subprocess
 import sys
 
-TRAINING = ("damformer.engine.train", "damformer.engine.strategy", "damformer.engine.optim",
-            "damformer.engine.deepspeed_engine", "damformer.engine.data", "damformer.uda")  # fmt: skip
+TRAINING = ("damformer.engine.train", "damformer.engine.strategies.base", "damformer.engine.optim",
+            "damformer.engine.strategies.deepspeed", "damformer.engine.data", "damformer.uda")  # fmt: skip
 
 
 def _loaded(*modules: str) -> set[str]:

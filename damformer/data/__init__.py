@@ -1,11 +1,10 @@
-"""Data: the FLAIR-2 reader, its miniature generator, shards, loaders and a webdataset pipeline."""
+"""The FLAIR-2 dataset: its on-disk layout, the reader, Sentinel-2 crops and dates, domains and classes."""
 
 from damformer.data.classes import FLAIR_CLASSES, NUM_CLASSES, remap_labels
 from damformer.data.domains import DOMAIN_PRESETS, select_domains
 from damformer.data.flair2 import Flair2Dataset, Flair2Sample
 from damformer.data.layout import Flair2Layout, PatchRef
 from damformer.data.sentinel import SentinelOptions
-from damformer.data.wds_pipeline import webdataset_pipeline
 
 __all__ = [
     "DOMAIN_PRESETS",
@@ -18,5 +17,4 @@ __all__ = [
     "SentinelOptions",
     "remap_labels",
     "select_domains",
-    "webdataset_pipeline",
 ]

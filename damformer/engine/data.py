@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from damformer.config import ConfigError, RunConfig
-from damformer.data.loader import ShardSet
 from damformer.data.sentinel import S2_PIXEL_M
-from damformer.data.streams import EpochStream, RareClassStream
-from damformer.engine.distributed import DistContext
+from damformer.loading.streams import EpochStream, RareClassStream
 from damformer.models.damformer import BAND_SETS
+from damformer.runtime.distributed import DistContext
+from damformer.shards.shardset import ShardSet
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from damformer.engine.distributed import DistContext, mean_over_ranks
+from damformer.runtime.distributed import DistContext, mean_over_ranks
 
 log = logging.getLogger(__name__)
 

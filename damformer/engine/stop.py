@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from types import FrameType, TracebackType
 
-from damformer.engine.distributed import DistContext, any_rank
+from damformer.runtime.distributed import DistContext, any_rank
 
 log = logging.getLogger(__name__)
 

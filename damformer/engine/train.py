@@ -4,7 +4,7 @@
     damformer train configs/demo/damformer.yaml --resume       # continue from OUTPUT/checkpoint.pt
     torchrun --nproc_per_node=4 -m damformer train CONFIG      # DDP, one process per GPU
 
-The loop knows nothing of DDP or DeepSpeed: the strategy (:mod:`damformer.engine.strategy`) wraps the
+The loop knows nothing of DDP or DeepSpeed: the strategy (:mod:`damformer.engine.strategies.base`) wraps the
 student and owns backward, the optimiser step and the optimiser's state. Everything that must survive
 a restart is in the checkpoint: student, teacher, optimiser, loss scale, iteration, RNG states, and
 the data streams' positions, counted in global samples (the same on every rank). So a resumed run
@@ -27,28 +27,30 @@ import torch
 
 from damformer.atomic import atomic_write_bytes
 from damformer.config import ConfigError, RunConfig, check_resume, dump_config
-from damformer.data.loader import ShardSet
-from damformer.engine.batch import BatchPlan, keep_global_batch, plan_batch, warn_if_unstated
-from damformer.engine.checkpoint import (
-    CHECKPOINT_NAME,
+from damformer.config.batch import BatchPlan, keep_global_batch, plan_batch, warn_if_unstated
+from damformer.engine.data import open_shard_sets, training_streams
+from damformer.engine.metrics import MetricsQueue
+from damformer.engine.optim import lr_factor, set_learning_rate
+from damformer.engine.stop import StopRequest
+from damformer.engine.strategies import build_strategy
+from damformer.eval import report
+from damformer.eval.evaluate import evaluate, to_device
+from damformer.eval.metrics import SegmentationScores
+from damformer.models.factory import build_model
+from damformer.progress import progress
+from damformer.runtime.artifacts import (
+    DEEPSPEED_RECORD,
+    RunFolder,
     load_checkpoint,
     resume_point,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from damformer.engine.cpu_memory import retain_freed_memory
-from damformer.engine.data import open_shard_sets, training_streams
-from damformer.engine.device import amp_context, resolve_device
-from damformer.engine.distributed import DistContext, barrier, gather_objects, sum_over_ranks
-from damformer.engine.metrics import MetricsQueue
-from damformer.engine.optim import lr_factor, set_learning_rate
-from damformer.engine.stop import StopRequest
-from damformer.engine.strategy import build_strategy
-from damformer.eval.evaluate import evaluate, to_device
-from damformer.eval.metrics import SegmentationScores
-from damformer.models.factory import build_model
-from damformer.progress import progress
+from damformer.runtime.cpu_memory import retain_freed_memory
+from damformer.runtime.device import amp_context, resolve_device
+from damformer.runtime.distributed import DistContext, barrier, gather_objects, sum_over_ranks
+from damformer.shards.shardset import ShardSet
 from damformer.tracking import training as tracking
 from damformer.tracking.mlflow_tracker import Tracker, hostname
 from damformer.uda.dacs import SelfTraining
@@ -78,7 +80,7 @@ class Trainer:
 
     Args:
         config: the validated run config.
-        dist: this process's place among the ranks (:func:`damformer.engine.distributed.init_distributed`);
+        dist: this process's place among the ranks (:func:`damformer.runtime.distributed.init_distributed`);
             None: a single process.
     """
 
@@ -114,7 +116,10 @@ class Trainer:
             self.device
         )
         self.uda.autocast = self.autocast
-        self.strategy = build_strategy(self.model, config, dist=self.dist, device=self.device, scaler=scaler)
+        self.strategy = build_strategy(
+            self.model, config, dist=self.dist, device=self.device, scaler=scaler,
+            unused_parameters=self.uda.leaves_parameters_unused,
+        )  # fmt: skip
         self.uda.use_student_forward(self.strategy.forward)
         if config.run.compile:
             self.uda.compile(config.run.compile_backend)
@@ -195,16 +200,16 @@ class Trainer:
     def save(self) -> Path:
         """Write the checkpoint and the loss history (atomically, rank 0; every rank must call it)."""
         self.flush_metrics()
-        state = self.state_dict()
+        state, folder = self.state_dict(), RunFolder(self.output_dir)
         record = self.strategy.save_shards(self.output_dir, self.iteration)  # DeepSpeed's, before the commit
         if self.dist.is_main:
             if record is not None:
-                state["deepspeed"] = record
-            save_checkpoint(self.output_dir / CHECKPOINT_NAME, state)
-            atomic_write_bytes(self.output_dir / "history.json", json.dumps(self.history).encode())
+                state[DEEPSPEED_RECORD] = record
+            save_checkpoint(folder.checkpoint, state)
+            atomic_write_bytes(folder.history, json.dumps(self.history).encode())
             self.strategy.after_save(self.output_dir, record)
         barrier(self.dist)
-        return self.output_dir / CHECKPOINT_NAME
+        return folder.checkpoint
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -299,7 +304,7 @@ class Trainer:
             log.info("resumed from %s at iteration %d", checkpoint, self.iteration)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
-            dump_config(self.stated_config, self.output_dir / "config.yaml")
+            dump_config(self.stated_config, RunFolder(self.output_dir).config)
         hostnames = gather_objects(self.dist, hostname())  # collective: every rank calls it
         if self.dist.is_main and self.config.log.tracking:
             self.tracker = tracking.start_tracking(
@@ -310,6 +315,19 @@ class Trainer:
         log.info("%d process(es) on %s, %s; %s", self.dist.world_size, self.device.type,
                  self.config.run.precision, self.batch.describe())  # fmt: skip
         warn_if_unstated(self.batch)
+
+    def _report(self, scores: SegmentationScores, validation: SegmentationScores | None) -> None:
+        """Rank 0 at the end: scores.json and the figures into the run folder, then them to the tracker."""
+        folder, config, iteration = RunFolder(self.output_dir), self.config, self.iteration
+        report.write_scores(folder, scores, iteration=iteration, seed=config.run.seed, validation=validation)
+        title = f"{tracking.run_name(config)}: target test, mIoU {100 * scores.miou:.2f}"
+        figures = report.write_figures(
+            self.eval_model, self.test_set, scores, self.output_dir, patches=config.log.mosaic_patches,
+            autocast=self.autocast, title=title,
+        )  # fmt: skip
+        tracking.log_run_end(
+            config, folder, self.tracker, figures=figures, iteration=self.iteration, validation=validation
+        )
 
     def _run(self, *, resume: bool | str, stop_after: int | None, stop: StopRequest) -> TrainResult:
         config = self.config
@@ -363,9 +381,5 @@ class Trainer:
             if scores is not None:
                 self.save()
             if scores is not None and self.dist.is_main:
-                tracking.report_end(
-                    config, self.output_dir, scores, model=self.eval_model, test_set=self.test_set,
-                    tracker=self.tracker, iteration=self.iteration, autocast=self.autocast,
-                    validation=validation,
-                )  # fmt: skip
+                self._report(scores, validation)
         return TrainResult(self.output_dir, self.iteration, self.history, scores)

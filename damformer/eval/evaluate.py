@@ -9,10 +9,11 @@ from contextlib import AbstractContextManager
 import torch
 from torch import nn
 
-from damformer.data.loader import LoaderOptions, ShardLoader, ShardSet
 from damformer.eval.metrics import ConfusionMatrix, SegmentationScores, scores
-from damformer.models.damformer import model_inputs
+from damformer.loading.loader import LoaderOptions, ShardLoader
+from damformer.models.damformer import predict_logits
 from damformer.progress import progress
+from damformer.shards.shardset import ShardSet
 
 
 @contextlib.contextmanager
@@ -78,7 +79,7 @@ def evaluate(
                 raise ValueError("evaluation needs labelled shards (these were sharded with --no-labels)")
             batch = to_device(batch, device)
             with autocast():
-                logits = model(*model_inputs(batch))["hr"]
+                logits = predict_logits(model, batch)
             matrix.update(logits.argmax(dim=1), batch["label"])
     total = matrix.matrix if reduce is None else reduce(matrix.matrix)
     return scores(total)

@@ -115,6 +115,11 @@ def model_inputs(batch: dict) -> tuple[torch.Tensor, ...]:
     return (batch["aerial"],)
 
 
+def predict_logits(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The HR logits (B, K, H, W) of a loader batch: what evaluation, maps and figures score."""
+    return model(*model_inputs(batch))["hr"]
+
+
 def _resize(logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
     if logits.shape[-2:] == size:
         return logits

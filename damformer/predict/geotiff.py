@@ -189,7 +189,7 @@ def write_quicklook_from(map_path: Path, path: Path, classes: Sequence[LandCover
     """A PNG of the colourised class map at ``map_path``, at most QUICKLOOK_SIDE pixels a side."""
     from PIL import Image
 
-    from damformer.tracking.figures import colourise
+    from damformer.eval.figures import colourise
 
     with rasterio.open(map_path) as dataset:
         scale = max(1.0, max(dataset.height, dataset.width) / QUICKLOOK_SIDE)

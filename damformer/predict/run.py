@@ -14,7 +14,6 @@ inputs are split across the ranks and each rank writes its own maps.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,12 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from damformer.config import ConfigError, build_section
 from damformer.data.classes import FLAIR_CLASSES, LandCoverClass
-from damformer.engine.checkpoint import load_checkpoint
 from damformer.eval.metrics import ConfusionMatrix, SegmentationScores, scores
 from damformer.models.damformer import BAND_SETS
-from damformer.models.factory import ModelConfig, build_model
+from damformer.models.factory import ModelConfig
 from damformer.predict.geotiff import MapWriter, check_writable, write_quicklook_from
 from damformer.predict.mosaic import PredictInputError, s2_crop_size
 from damformer.predict.sliding import PatchPredictor
@@ -79,31 +76,6 @@ class Outputs:
         return prediction
 
 
-def load_model(checkpoint: Path, *, teacher: bool = False) -> tuple[torch.nn.Module, ModelConfig, dict]:
-    """The student (or EMA teacher) of a checkpoint, with its model config and the checkpoint state."""
-    state = load_checkpoint(checkpoint)
-    model_config = build_section(ModelConfig, state["config"]["model"], "model")
-    if model_config.num_classes != len(FLAIR_CLASSES):
-        raise ConfigError(
-            f"{checkpoint}: a model of {model_config.num_classes} classes; maps, colours and scores here are "
-            f"for the {len(FLAIR_CLASSES)} FLAIR classes"
-        )
-    # The checkpoint holds every weight: the ImageNet file named at training time need not exist here.
-    model = build_model(dataclasses.replace(model_config, pretrained=None))
-    prefix = "teacher.model." if teacher else "student."
-    weights = {k.removeprefix(prefix): v for k, v in state["uda"].items() if k.startswith(prefix)}
-    if not weights:
-        raise ConfigError(f"{checkpoint}: no {'teacher' if teacher else 'student'} weights in it")
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[1:2] or [str(exc)[:200]]
-        raise ConfigError(
-            f"{checkpoint}: its weights do not fit its own model config ({first[0].strip()})"
-        ) from None
-    return model, model_config, state
-
-
 # -- FLAIR-2 patches ------------------------------------------------------------------------------
 
 
@@ -122,11 +94,11 @@ def predict_flair2(
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> SegmentationScores | None:
     """Predict every patch of a FLAIR-2 folder into ``OUT/DOMAIN/ZONE/PRED_xxx.tif``; scores if labelled."""
-    from damformer.data.augment import training_sample
-    from damformer.data.collate import collate_samples
     from damformer.data.flair2 import Flair2Dataset
     from damformer.data.layout import Flair2Layout
     from damformer.data.sentinel import SentinelOptions
+    from damformer.loading.augment import training_sample
+    from damformer.loading.collate import collate_samples
 
     labelled = Flair2Layout(root, split=split).labels_dir is not None
     probe = Flair2Dataset(root, split=split, domains=domains, with_labels=False, with_s2=False)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from damformer.models.damformer import model_inputs
+from damformer.models.damformer import predict_logits
 
 Batch = dict[str, Any]
 
@@ -54,7 +54,7 @@ class PatchPredictor:
                 if "s2" in moved:
                     flipped["s2"] = moved["s2"].flip(dims)
             with self.autocast():
-                logits = self.model(*model_inputs(flipped))["hr"]
+                logits = predict_logits(self.model, flipped)
             probs = torch.softmax(logits.float(), dim=1)
             if dims:
                 probs = probs.flip(dims)

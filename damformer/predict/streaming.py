@@ -146,7 +146,7 @@ def _batch(
     aerial = np.stack([strip[:, :, offset : offset + window] for offset in offsets])
     batch: Batch = {"aerial": torch.from_numpy(np.ascontiguousarray(aerial))}
     if temporal is not None:
-        from damformer.data.collate import collate_samples
+        from damformer.loading.collate import collate_samples
 
         series = [temporal(row, col, window) for row, col in origins]
         stacked = collate_samples(

@@ -15,15 +15,16 @@ import numpy as np
 import torch
 
 from damformer.atomic import atomic_path
-from damformer.data.augment import training_sample
 from damformer.data.classes import FLAIR_CLASSES
-from damformer.data.collate import collate_samples
-from damformer.data.loader import ShardSet
 from damformer.eval.evaluate import eval_mode
-from damformer.models.damformer import model_inputs
+from damformer.eval.figures import IGNORE_RGB, _pyplot, colourise
+from damformer.loading.augment import training_sample
+from damformer.loading.collate import collate_samples
+from damformer.models.damformer import predict_logits
+from damformer.runtime.artifacts import RunFolder
+from damformer.shards.shardset import ShardSet
 from damformer.study.results import EntryRow
 from damformer.study.spec import Study, StudyError
-from damformer.tracking.figures import IGNORE_RGB, _pyplot, colourise
 
 FIGURE_PNG = "figure.png"
 PANEL_PX = (240, 260)  # width, height of one panel (image + its title)
@@ -54,11 +55,11 @@ def choose_patch(test_set: ShardSet, requested: str | None) -> str:
 
 @torch.no_grad()
 def _predict(checkpoint: Path, batch: dict) -> np.ndarray:
-    from damformer.predict.run import load_model
+    from damformer.runtime.artifacts import load_model
 
     model, _, _ = load_model(checkpoint)
     with eval_mode(model):
-        return model(*model_inputs(batch))["hr"].argmax(dim=1)[0].numpy()
+        return predict_logits(model, batch).argmax(dim=1)[0].numpy()
 
 
 def write_figure(study: Study, rows: list[EntryRow], test_dirs: list[str], domains: list[str] | None) -> Path:
@@ -80,7 +81,7 @@ def write_figure(study: Study, rows: list[EntryRow], test_dirs: list[str], domai
             panels.append((f"{title}\n(not finished)", None, None))
             continue
         first = min(row.runs, key=lambda score: score.run.seed)
-        prediction = _predict(first.run.output_dir / "checkpoint.pt", batch)
+        prediction = _predict(RunFolder(first.run.output_dir).checkpoint, batch)
         panels.append((f"{title}\n{row.name}", colourise(prediction, FLAIR_CLASSES), None))
     return _draw(panels, study.output_dir / FIGURE_PNG, title=f"{study.name}: target test patch {key}")
 

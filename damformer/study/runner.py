@@ -87,7 +87,7 @@ def _by_entry(runs: list[StudyRun]) -> list[list[StudyRun]]:
 
 def entry_summary(study: Study, run: StudyRun) -> str:
     """``# NAME: model, fusion, training, batch`` as the entry's config resolves (a shell comment)."""
-    from damformer.engine.batch import plan_batch
+    from damformer.config.batch import plan_batch
 
     config = study.resolved_config(run, check_files=False)
     model, uda = config.model, config.uda

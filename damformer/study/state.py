@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from damformer.atomic import atomic_write_bytes
-from damformer.engine.checkpoint import CHECKPOINT_NAME
+from damformer.runtime.artifacts import RunFolder
 from damformer.study.spec import Study, StudyRun
 
 STATE_FILE = "study.json"
@@ -23,7 +23,7 @@ FINISHED, INTERRUPTED, PENDING, FAILED = "finished", "interrupted", "pending", "
 
 def read_scores(run: StudyRun) -> dict[str, Any] | None:
     """The run's ``scores.json`` (None when absent or unreadable)."""
-    path = run.output_dir / "scores.json"
+    path = RunFolder(run.output_dir).scores
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -35,7 +35,7 @@ def folder_status(study: Study, run: StudyRun) -> str:
     scores = read_scores(run)
     if scores is not None and scores.get("iteration", -1) >= study.resolved_config(run).optim.max_iters:
         return FINISHED
-    if (run.output_dir / CHECKPOINT_NAME).is_file():
+    if RunFolder(run.output_dir).checkpoint.is_file():
         return INTERRUPTED
     return PENDING
 

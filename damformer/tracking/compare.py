@@ -19,6 +19,7 @@ import yaml
 
 from damformer.data.classes import FLAIR_CLASSES
 from damformer.errors import DamformerError
+from damformer.runtime.artifacts import RunFolder
 from damformer.tracking.store_lock import sqlite_path, store_opening
 
 
@@ -55,7 +56,7 @@ def rows_from_folders(folders: Sequence[Path]) -> list[RunRow]:
 
     rows = []
     for folder in folders:
-        scores_path, config_path = folder / "scores.json", folder / "config.yaml"
+        scores_path, config_path = RunFolder(folder).scores, RunFolder(folder).config
         for path in (config_path, scores_path):
             if not path.is_file():
                 raise CompareError(

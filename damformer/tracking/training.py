@@ -1,25 +1,18 @@
-"""What a training run reports to MLflow: run name, tags, system metrics, eval metrics, figures."""
+"""What a training run reports to MLflow: run name, tags, system metrics, eval metrics, its files."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from damformer.config import RunConfig
 from damformer.data.classes import FLAIR_CLASSES
-from damformer.data.loader import LoaderOptions, ShardLoader, ShardSet
-from damformer.data.shard_io import sha256_file
-from damformer.eval.evaluate import eval_mode
 from damformer.eval.metrics import SegmentationScores
-from damformer.models.damformer import model_inputs
-from damformer.tracking.figures import confusion_png, mosaic_png
+from damformer.runtime.artifacts import RunFolder
+from damformer.shards.tario import sha256_file
 from damformer.tracking.mlflow_tracker import (
     ARTIFACT_ROOT,
     Tracker,
@@ -28,9 +21,6 @@ from damformer.tracking.mlflow_tracker import (
     git_commit,
     store_folder,
 )
-
-CONFUSION_PNG = "confusion_matrix.png"
-MOSAIC_PNG = "prediction_mosaic.png"
 
 
 def _domains(selection: list[str] | None, folders: list[str]) -> str:
@@ -111,80 +101,28 @@ def eval_metrics(scores: SegmentationScores) -> dict[str, float]:
     return metrics
 
 
-def _rgb(aerial: torch.Tensor) -> np.ndarray:
-    """(C, H, W) aerial with 0..255 values -> (H, W, 3) uint8."""
-    return aerial[:3].float().clamp(0, 255).round().byte().permute(1, 2, 0).cpu().numpy()
-
-
-@torch.no_grad()
-def write_figures(
-    model: torch.nn.Module,
-    test_set: ShardSet,
-    scores: SegmentationScores,
-    output_dir: Path,
-    *,
-    patches: int,
-    autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
-    title: str = "",
-) -> list[Path]:
-    """The confusion matrix PNG and a mosaic of the first ``patches`` target test patches."""
-    classes = FLAIR_CLASSES[: scores.matrix.shape[0]]
-    written = [confusion_png(scores.matrix, classes, output_dir / CONFUSION_PNG, title=title)]
-    if patches < 1:
-        return written
-    loader = ShardLoader(
-        test_set, LoaderOptions(batch_size=patches, augment=False, pad=False, shuffle_buffer=1)
-    )
-    batch: dict[str, Any] = next(iter(loader))
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    with eval_mode(model), autocast():
-        prediction = model(*model_inputs(batch))["hr"].argmax(dim=1).cpu().numpy()
-    labels = batch.get("label")
-    rows = [
-        (_rgb(batch["aerial"][i]), labels[i].cpu().numpy() if labels is not None else None, prediction[i])
-        for i in range(prediction.shape[0])
-    ]
-    titles = [str(key) for key in batch["keys"]] if "keys" in batch else None
-    written.append(mosaic_png(rows, classes, output_dir / MOSAIC_PNG, titles=titles))
-    return written
-
-
-def report_end(
+def log_run_end(
     config: RunConfig,
-    output_dir: Path,
-    scores: SegmentationScores,
-    *,
-    model: torch.nn.Module,
-    test_set: ShardSet,
+    folder: RunFolder,
     tracker: Tracker,
+    *,
+    figures: list[Path],
     iteration: int,
-    autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
     validation: SegmentationScores | None = None,
 ) -> None:
-    """Rank 0 at the end of a run: scores.json, the figures, and the run's artifacts for the tracker.
+    """Rank 0 at the end of a run: the run folder's files and the validation scores, to the tracker.
 
-    ``validation``: the scores on ``data.target_val``, kept in scores.json under "validation" and
-    logged as ``val mIoU`` / ``val accuracy``.
+    ``validation``: the scores on ``data.target_val``, logged as ``val mIoU`` / ``val accuracy``.
     """
-    from damformer.atomic import atomic_write_bytes
-
-    payload = scores.to_json(iteration=iteration, seed=config.run.seed)
     if validation is not None:
-        payload["validation"] = {k: v for k, v in validation.to_json().items() if k != "confusion_matrix"}
         tracker.log_metrics(
             {"val mIoU": 100 * validation.miou, "val accuracy": 100 * validation.accuracy}, step=iteration
         )
-    atomic_write_bytes(output_dir / "scores.json", json.dumps(payload).encode())
-    title = f"{run_name(config)}: target test, mIoU {100 * scores.miou:.2f}"
-    figures = write_figures(
-        model, test_set, scores, output_dir, patches=config.log.mosaic_patches, autocast=autocast, title=title
-    )
     for path in figures:
         tracker.log_artifact(path, "figures")
-    tracker.log_artifact(output_dir / "config.yaml")
-    tracker.log_artifact(output_dir / "history.json")
-    checkpoint = output_dir / "checkpoint.pt"
+    tracker.log_artifact(folder.config)
+    tracker.log_artifact(folder.history)
+    checkpoint = folder.checkpoint
     if config.log.upload_checkpoint:  # a copy in the artifact store (GBs for MiT-b5)
         tracker.log_artifact(checkpoint, "checkpoint")
     else:  # a reference: where it is and what it is

@@ -117,6 +117,16 @@ class SelfTraining(nn.Module):
         if self.teacher is not None:
             self.teacher.compile_forward(backend)
 
+    @property
+    def leaves_parameters_unused(self) -> bool:
+        """Whether a backward may leave some of the student's parameters without a gradient.
+
+        An LR head that no loss trains (``lr_weight`` 0, the row without the mixed loss) gets none. Every
+        other parameter gets one in every backward (MIC's loss touches the LR head with a zero weight),
+        which data-parallel wrappers (DDP) rely on unless told otherwise.
+        """
+        return getattr(self.student, "lr_head", None) is not None and self.config.lr_weight == 0
+
     def use_student_forward(self, module: nn.Module) -> None:
         """Run the student's forward passes through ``module`` (the student itself, or its DDP wrapper)."""
         object.__setattr__(self, "student_forward", module)  # bypasses submodule registration
@@ -236,7 +246,7 @@ class SelfTraining(nn.Module):
                 mic_out = self.student_forward(*model_inputs(masked))
                 mic_loss = self.config.mic_weight * weighted_cross_entropy(mic_out["hr"], labels, weight)
                 if mic_out.get("lr") is not None and self.config.lr_weight > 0:
-                    # zero gradients for the LR head: DDP expects one for every parameter (strategy.py)
+                    # a zero gradient for the LR head: every backward reaches every trained parameter
                     mic_loss = mic_loss + 0.0 * mic_out["lr"].sum()
             metrics["loss_mic"] = mic_loss.detach()
             backward(mic_loss * scale)

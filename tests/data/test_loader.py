@@ -6,13 +6,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from damformer.data import Flair2Dataset
-from damformer.data.augment import GeometricAugment
-from damformer.data.collate import collate_samples
-from damformer.data.folder import RawTreeDataset
-from damformer.data.loader import LoaderOptions, ShardLoader, ShardSet, plan_epoch
-from damformer.data.shard_format import ShardFormatError
-from damformer.data.shards import ShardWriteOptions, write_shards
 from damformer.errors import DamformerError
+from damformer.loading.augment import GeometricAugment
+from damformer.loading.collate import collate_samples
+from damformer.loading.loader import LoaderOptions, ShardLoader, plan_epoch
+from damformer.loading.rawtree import RawTreeDataset
+from damformer.shards.format import ShardFormatError
+from damformer.shards.shardset import ShardSet
+from damformer.shards.writer import ShardWriteOptions, write_shards
 
 
 def _epoch(shard_set, options, *, world_size, num_workers, epoch=0):
@@ -271,7 +272,7 @@ def test_missing_manifest_is_a_clear_error(tmp_path):
 
 
 def test_epoch_stream_resumed_on_another_world_size_sees_each_sample_once(demo_shards):
-    from damformer.data.streams import EpochStream
+    from damformer.loading.streams import EpochStream
 
     def streams(world: int) -> list[EpochStream]:
         return [

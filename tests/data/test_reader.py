@@ -11,7 +11,7 @@ import rasterio
 
 from damformer.data import Flair2Dataset, SentinelOptions
 from damformer.data.layout import Flair2Layout
-from damformer.data.synth import INFO_FILE, NORTH_DOMAINS, SOUTH_DOMAINS
+from damformer.miniature.synth import INFO_FILE, NORTH_DOMAINS, SOUTH_DOMAINS
 
 
 def _raw_superpatch(root, domain, zone, split="train"):

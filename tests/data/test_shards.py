@@ -17,11 +17,11 @@ import webdataset
 
 from damformer.cli import main
 from damformer.data import Flair2Dataset
-from damformer.data.manifest import load_manifest
-from damformer.data.shard_format import ShardFormatError, decode_sample, encode_sample
-from damformer.data.shard_io import iter_tar_samples, sha256_file, write_tar
-from damformer.data.shards import ShardWriteOptions, parse_size, verify_shards, write_shards
 from damformer.errors import DataFormatError, OutputExistsError
+from damformer.shards.format import ShardFormatError, decode_sample, encode_sample
+from damformer.shards.manifest import load_manifest
+from damformer.shards.tario import iter_tar_samples, sha256_file, write_tar
+from damformer.shards.writer import ShardWriteOptions, parse_size, verify_shards, write_shards
 
 IMG1 = "flair_aerial_train/D081_2020/Z1_NN/img/IMG_000001.tif"
 
@@ -356,10 +356,10 @@ def test_webdataset_reads_our_shards(demo_shards):
 
 
 def test_the_documented_webdataset_pipeline_decodes_the_package_samples(demo_shards):
-    from damformer.data import webdataset_pipeline
-    from damformer.data.augment import training_sample
-    from damformer.data.collate import collate_samples
-    from damformer.data.shard_format import decode_sample
+    from damformer.loading.augment import training_sample
+    from damformer.loading.collate import collate_samples
+    from damformer.loading.wds import webdataset_pipeline
+    from damformer.shards.format import decode_sample
 
     manifest = load_manifest(demo_shards)
     keys = [key for shard in manifest["shards"] for key in shard["keys"]]

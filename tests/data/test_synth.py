@@ -8,10 +8,10 @@ import pytest
 import rasterio
 
 from damformer.data import Flair2Dataset, SentinelOptions
-from damformer.data import synth as synth_module
-from damformer.data import synth_scene as scene
-from damformer.data.synth import INFO_FILE, SynthOptions, generate
 from damformer.errors import OutputExistsError
+from damformer.miniature import scene
+from damformer.miniature import synth as synth_module
+from damformer.miniature.synth import INFO_FILE, SynthOptions, generate
 from tests.conftest import TINY_OPTIONS
 
 VEGETATION = [5, 6, 7, 8, 9, 10]  # coniferous .. agricultural, 13-class indices

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from damformer.engine.checkpoint import load_checkpoint
+from damformer.runtime.artifacts import load_checkpoint
 
 
 class CheckpointWatch:

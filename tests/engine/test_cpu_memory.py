@@ -14,7 +14,7 @@ import pytest
 PROBE = """
 import json, resource
 import torch
-from damformer.engine.cpu_memory import retain_freed_memory
+from damformer.runtime.cpu_memory import retain_freed_memory
 from damformer.models.utae import UTAE
 applied = retain_freed_memory()
 torch.manual_seed(0)
@@ -66,6 +66,6 @@ def test_a_user_tuned_allocator_is_left_alone():
 def test_a_gpu_run_leaves_the_cpu_allocator_alone():
     import torch
 
-    from damformer.engine.cpu_memory import retain_freed_memory
+    from damformer.runtime.cpu_memory import retain_freed_memory
 
     assert retain_freed_memory(torch.device("cuda", 0)) is False  # no CUDA needed: nothing is allocated

@@ -9,9 +9,9 @@ import torch
 from torchrun_helpers import EQUIVALENT, one_thread, run, standalone, student, torchrun
 
 from damformer.config import ConfigError, load_config
-from damformer.engine import deepspeed_engine
-from damformer.engine.checkpoint import CheckpointError, load_checkpoint
+from damformer.engine.strategies import deepspeed as deepspeed_engine
 from damformer.engine.train import Trainer
+from damformer.runtime.artifacts import CheckpointError, load_checkpoint
 
 pytestmark = pytest.mark.timeout(300)
 LAUNCH = Path(__file__).parents[2] / "launch" / "deepspeed"
@@ -158,7 +158,7 @@ def test_deepspeed_runs_on_one_process_too(tiny_overrides, tmp_path, caplog):
         "eval": {"interval": 0},
         "dist": {"engine": "deepspeed", "zero_stage": 1},
     }
-    with caplog.at_level(logging.INFO, logger="damformer.engine.deepspeed_engine"):
+    with caplog.at_level(logging.INFO, logger="damformer.engine.strategies.deepspeed"):
         result = Trainer(load_config(None, tiny_overrides(tmp_path / "one", **sections))).run()
     assert result.iterations == 2 and "DeepSpeed ZeRO stage 1" in caplog.text
     state = load_checkpoint(tmp_path / "one" / "checkpoint.pt")

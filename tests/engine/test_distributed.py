@@ -21,9 +21,9 @@ from torchrun_helpers import (
 )
 
 from damformer.config import ConfigError, load_config
-from damformer.engine.checkpoint import load_checkpoint
-from damformer.engine.distributed import ranks_from_environment
 from damformer.engine.train import Trainer
+from damformer.runtime.artifacts import load_checkpoint
+from damformer.runtime.distributed import ranks_from_environment
 
 pytestmark = pytest.mark.timeout(300)
 

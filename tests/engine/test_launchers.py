@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from torchrun_helpers import clean_env, free_port
 
-from damformer.engine.checkpoint import load_checkpoint
+from damformer.runtime.artifacts import load_checkpoint
 
 pytestmark = pytest.mark.timeout(300)
 LAUNCH = Path(__file__).parents[2] / "launch"

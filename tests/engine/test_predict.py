@@ -12,10 +12,10 @@ from damformer.cli import main
 from damformer.config import load_config
 from damformer.data.classes import FLAIR_CLASSES
 from damformer.data.flair2 import Flair2Dataset
-from damformer.data.loader import ShardSet
 from damformer.engine.train import Trainer
 from damformer.eval.evaluate import evaluate
-from damformer.predict.run import load_model
+from damformer.runtime.artifacts import load_model
+from damformer.shards.shardset import ShardSet
 
 pytestmark = pytest.mark.timeout(300)
 _TRAINED: dict[str, Path] = {}
@@ -270,7 +270,7 @@ def test_torchrun_splits_the_patches_across_ranks(checkpoints, tiny_shards, tmp_
 
 
 def test_a_checkpoint_of_another_class_count_is_refused(checkpoints, tiny_shards, tmp_path, capsys):
-    from damformer.engine.checkpoint import load_checkpoint, save_checkpoint
+    from damformer.runtime.artifacts import load_checkpoint, save_checkpoint
 
     state = load_checkpoint(checkpoints["aerial"])
     state.pop("format")

@@ -13,12 +13,12 @@ import pytest
 
 from damformer.cli import main
 from damformer.config import ConfigError, load_config
+from damformer.config.batch import BatchPlan, plan_batch
 from damformer.data import Flair2Dataset, SentinelOptions
-from damformer.data.shards import ShardWriteOptions, write_shards
-from damformer.data.synth import generate
-from damformer.engine.batch import BatchPlan, plan_batch
-from damformer.engine.checkpoint import load_checkpoint
 from damformer.engine.train import Trainer
+from damformer.miniature.synth import generate
+from damformer.runtime.artifacts import load_checkpoint
+from damformer.shards.writer import ShardWriteOptions, write_shards
 from tests.conftest import TRAIN_OPTIONS
 
 ROOT = Path(__file__).parents[2]

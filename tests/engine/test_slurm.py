@@ -12,7 +12,7 @@ import pytest
 import slurm_cluster
 from torchrun_helpers import clean_env
 
-from damformer.engine.checkpoint import load_checkpoint
+from damformer.runtime.artifacts import load_checkpoint
 
 pytestmark = pytest.mark.timeout(600)
 SLURM = Path(__file__).parents[2] / "slurm"

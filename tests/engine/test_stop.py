@@ -10,8 +10,8 @@ import torch
 from torchrun_helpers import EQUIVALENT, clean_env, standalone, torchrun
 
 from damformer.config import load_config
-from damformer.engine.checkpoint import load_checkpoint
 from damformer.engine.train import Trainer
+from damformer.runtime.artifacts import load_checkpoint
 
 pytestmark = pytest.mark.timeout(300)
 

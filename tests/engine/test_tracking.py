@@ -17,9 +17,9 @@ from PIL import Image
 from torchrun_helpers import clean_env, free_port
 
 from damformer.config import load_config
-from damformer.data.shard_io import sha256_file
 from damformer.engine.train import Trainer
-from damformer.tracking.figures import confusion_png
+from damformer.eval.figures import confusion_png
+from damformer.shards.tario import sha256_file
 from damformer.tracking.mlflow_tracker import experiment_family
 
 pytestmark = pytest.mark.timeout(300)

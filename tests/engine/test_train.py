@@ -12,9 +12,9 @@ from checkpoint_watch import CheckpointWatch
 
 from damformer.cli import main
 from damformer.config import ConfigError, load_config
-from damformer.data.shard_format import ShardFormatError
-from damformer.engine.checkpoint import load_checkpoint
 from damformer.engine.train import Trainer
+from damformer.runtime.artifacts import load_checkpoint
+from damformer.shards.format import ShardFormatError
 
 
 def _train(overrides, **kwargs):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from damformer.engine.checkpoint import load_checkpoint
+from damformer.runtime.artifacts import load_checkpoint
 
 # Source only with rare class sampling (index-based draws), no dropout: two ranks with batch 1 see
 # exactly the samples that one process with batch 1 and two accumulation steps sees.

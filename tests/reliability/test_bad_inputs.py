@@ -12,10 +12,10 @@ import sys
 import pytest
 
 from damformer.config import ConfigError, load_config
-from damformer.data.loader import ShardSet
-from damformer.data.manifest import MANIFEST_NAME, load_manifest
-from damformer.data.shard_format import ShardFormatError
 from damformer.engine.train import Trainer
+from damformer.shards.format import ShardFormatError
+from damformer.shards.manifest import MANIFEST_NAME, load_manifest
+from damformer.shards.shardset import ShardSet
 
 NO_EVAL = {"eval": {"interval": 0}}
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from damformer.config import load_config
-from damformer.data.shards import write_shards
-from damformer.engine.checkpoint import load_checkpoint
-from damformer.engine.distributed import DistContext
 from damformer.engine.stop import StopRequest
 from damformer.engine.train import Trainer
+from damformer.runtime.artifacts import load_checkpoint
+from damformer.runtime.distributed import DistContext
+from damformer.shards.writer import write_shards
 from tests.reliability.training_process import start_training
 
 pytestmark = pytest.mark.timeout(300)

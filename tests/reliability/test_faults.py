@@ -24,9 +24,9 @@ import pytest
 import torch
 
 from damformer.config import load_config
-from damformer.data.shards import verify_shards
-from damformer.engine.checkpoint import CheckpointError, load_checkpoint
 from damformer.engine.train import Trainer
+from damformer.runtime.artifacts import CheckpointError, load_checkpoint
+from damformer.shards.writer import verify_shards
 from tests.reliability.training_process import start_training
 
 pytestmark = pytest.mark.timeout(400)
@@ -153,7 +153,8 @@ def test_the_trainer_is_released_before_the_process_group_is_destroyed(tiny_over
     import weakref
 
     from damformer import cli
-    from damformer.engine import distributed, train
+    from damformer.engine import train
+    from damformer.runtime import distributed
 
     trainers: list[weakref.ref] = []
     alive_at_teardown: list[int] = []

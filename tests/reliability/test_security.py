@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from damformer.engine.checkpoint import CheckpointError, load_checkpoint
+from damformer.runtime.artifacts import CheckpointError, load_checkpoint
 from damformer.tracking.ui import UIError, is_loopback, resolve_one_store, ui_command
 
 REPO = Path(__file__).resolve().parents[2]

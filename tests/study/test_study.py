@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from damformer.cli import main
-from damformer.engine.checkpoint import load_checkpoint
+from damformer.runtime.artifacts import load_checkpoint
 from damformer.study.figure import figure_size
 from damformer.study.spec import StudyError, load_study
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from damformer.data.rcs import RareClassSampler, class_probabilities
 from damformer.engine.optim import build_optimizer, lr_factor, parameter_groups, set_learning_rate
 from damformer.eval.metrics import ConfusionMatrix, scores
+from damformer.loading.rcs import RareClassSampler, class_probabilities
 from damformer.uda.mixing import StrongAugment, classmix_masks, mix
 from damformer.uda.teacher import EMATeacher, ensemble_probabilities, pseudo_labels
 
@@ -170,13 +170,13 @@ def test_rcs_draws_samples_holding_the_class():
 
 def test_rcs_warns_when_draws_concentrate_on_few_samples(caplog):
     common = {f"s{i}": [1000, 0] for i in range(9)}
-    with caplog.at_level("WARNING", logger="damformer.data.rcs"):
+    with caplog.at_level("WARNING", logger="damformer.loading.rcs"):
         sampler = RareClassSampler({**common, "rare": [900, 100]}, temperature=0.01, min_pixels=20)
     assert sampler.sample_shares()[sampler.keys.index("rare")] > 0.99
     assert sampler.sample_shares().sum() == pytest.approx(1.0)
     assert "fall on 2 of 10 source samples" in caplog.text and "uda.rcs=false" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="damformer.data.rcs"):
+    with caplog.at_level("WARNING", logger="damformer.loading.rcs"):
         RareClassSampler({f"s{i}": [500, 500] for i in range(10)}, temperature=0.01, min_pixels=20)
     assert caplog.text == ""
 

@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from damformer.data.shard_format import ShardFormatError, split_member_name
+from damformer.shards.format import ShardFormatError, split_member_name
 
 # Member bytes by extension; read from a shard they are zero-copy views of its memory map.
 Encoded = dict[str, bytes | memoryview]

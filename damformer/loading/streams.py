@@ -21,13 +21,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from damformer.data.augment import GeometricAugment, training_sample
-from damformer.data.collate import collate_samples
-from damformer.data.loader import ShardSet, ignore_interrupts
-from damformer.data.rcs import RareClassSampler
-from damformer.data.shard_format import ShardFormatError, decode_sample
-from damformer.data.shard_io import Encoded, iter_tar_samples
 from damformer.errors import DamformerError
+from damformer.loading.augment import GeometricAugment, training_sample
+from damformer.loading.collate import collate_samples
+from damformer.loading.loader import ignore_interrupts
+from damformer.loading.rcs import RareClassSampler
+from damformer.shards.format import ShardFormatError, decode_sample
+from damformer.shards.shardset import ShardSet
+from damformer.shards.tario import Encoded, iter_tar_samples
 
 log = logging.getLogger(__name__)
 

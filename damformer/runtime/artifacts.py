@@ -1,4 +1,12 @@
-"""Atomic checkpoints that resume exactly, loaded without executing pickle.
+"""A run folder and its checkpoint: the one schema that training writes and every command reads.
+
+``damformer train`` writes into ``run.output_dir`` (:class:`RunFolder`): ``checkpoint.pt``,
+``config.yaml`` (the config as stated), ``history.json`` (every step's metrics), ``scores.json`` (the
+final scores), the figures, and with DeepSpeed a ``deepspeed/`` folder of per-rank shards named by the
+checkpoint's ``"deepspeed"`` record. predict, eval, tracking and study read runs through this module
+(and :func:`load_model`), never through the trainer.
+
+Checkpoints: atomic, resume exactly, loaded without executing pickle.
 
 A checkpoint holds the student, the EMA teacher (and frozen encoder), the optimiser, the iteration,
 every RNG state, the data stream cursors and the resolved config.
@@ -18,8 +26,10 @@ What protects it:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +40,42 @@ from damformer.errors import ConfigError, DamformerError
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 1  # "format" in every checkpoint: another value is refused in one line
 CHECKPOINT_NAME = "checkpoint.pt"
+CONFIG_NAME = "config.yaml"
+HISTORY_NAME = "history.json"
+SCORES_NAME = "scores.json"
+DEEPSPEED_RECORD = "deepspeed"  # the checkpoint's key naming DeepSpeed's per-rank shards
+# Where the networks' weights are in a checkpoint's "uda" state (damformer.uda.dacs.SelfTraining).
+STUDENT_PREFIX, TEACHER_PREFIX = "student.", "teacher.model."
 TEMP_PREFIX = "."  # hidden: a temporary never looks like a checkpoint to a user or a glob
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """The files of one training run's folder (``run.output_dir``)."""
+
+    path: Path
+
+    @property
+    def checkpoint(self) -> Path:
+        """The checkpoint (student, teacher, optimiser, RNG, data cursors, config, history)."""
+        return self.path / CHECKPOINT_NAME
+
+    @property
+    def config(self) -> Path:
+        """The config as stated (YAML)."""
+        return self.path / CONFIG_NAME
+
+    @property
+    def history(self) -> Path:
+        """Every optimiser step's metrics (JSON list)."""
+        return self.path / HISTORY_NAME
+
+    @property
+    def scores(self) -> Path:
+        """The final scores (JSON): target test split, and "validation" when the run had one."""
+        return self.path / SCORES_NAME
 
 
 class CheckpointError(DamformerError):
@@ -163,3 +206,37 @@ def resume_point(output_dir: Path, resume: bool | str, *, clean: bool = True) ->
             f"{checkpoint} exists: pass --resume to continue it, or choose another run.output_dir"
         )
     return None
+
+
+def load_model(checkpoint: Path, *, teacher: bool = False) -> tuple[torch.nn.Module, Any, dict]:
+    """The student (or EMA teacher) of a checkpoint, with its model config and the checkpoint state.
+
+    Raises:
+        CheckpointError: unreadable, or of another format.
+        ConfigError: a model of other classes than FLAIR's, no such weights, or weights that do not fit.
+    """
+    from damformer.config import build_section
+    from damformer.data.classes import FLAIR_CLASSES
+    from damformer.models.factory import ModelConfig, build_model
+
+    state = load_checkpoint(checkpoint)
+    model_config = build_section(ModelConfig, state["config"]["model"], "model")
+    if model_config.num_classes != len(FLAIR_CLASSES):
+        raise ConfigError(
+            f"{checkpoint}: a model of {model_config.num_classes} classes; maps, colours and scores here are "
+            f"for the {len(FLAIR_CLASSES)} FLAIR classes"
+        )
+    # The checkpoint holds every weight: the ImageNet file named at training time need not exist here.
+    model = build_model(dataclasses.replace(model_config, pretrained=None))
+    prefix = TEACHER_PREFIX if teacher else STUDENT_PREFIX
+    weights = {k.removeprefix(prefix): v for k, v in state["uda"].items() if k.startswith(prefix)}
+    if not weights:
+        raise ConfigError(f"{checkpoint}: no {'teacher' if teacher else 'student'} weights in it")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1:2] or [str(exc)[:200]]
+        raise ConfigError(
+            f"{checkpoint}: its weights do not fit its own model config ({first[0].strip()})"
+        ) from None
+    return model, model_config, state

@@ -26,11 +26,11 @@ from typing import Any
 
 from damformer.atomic import atomic_path, atomic_write_bytes
 from damformer.data.flair2 import Flair2Dataset
-from damformer.data.manifest import MANIFEST_NAME, ShardStats, build_manifest, load_manifest
-from damformer.data.shard_format import FORMAT_VERSION, ShardFormatError, decode_sample, encode_sample
-from damformer.data.shard_io import iter_tar_samples, sha256_file, write_tar
 from damformer.errors import DamformerError, OutputExistsError
 from damformer.progress import progress
+from damformer.shards.format import FORMAT_VERSION, ShardFormatError, decode_sample, encode_sample
+from damformer.shards.manifest import MANIFEST_NAME, ShardStats, build_manifest, load_manifest
+from damformer.shards.tario import iter_tar_samples, sha256_file, write_tar
 
 log = logging.getLogger(__name__)
 

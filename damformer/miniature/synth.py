@@ -31,8 +31,8 @@ import numpy as np
 import rasterio
 from affine import Affine
 
-from damformer.data import synth_scene as scene
 from damformer.errors import OutputExistsError
+from damformer.miniature import scene
 from damformer.progress import progress
 
 log = logging.getLogger(__name__)

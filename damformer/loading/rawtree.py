@@ -2,7 +2,7 @@
 
 For small experiments without sharding: ``DataLoader(RawTreeDataset(...), batch_size=2,
 collate_fn=collate_samples)`` produces batches with the same keys, dtypes and shapes as
-:class:`damformer.data.loader.ShardLoader`. Augmentation draws are seeded by (seed, epoch, index).
+:class:`damformer.loading.loader.ShardLoader`. Augmentation draws are seeded by (seed, epoch, index).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from damformer.data.augment import GeometricAugment, training_sample
 from damformer.data.flair2 import Flair2Dataset
+from damformer.loading.augment import GeometricAugment, training_sample
 
 
 class RawTreeDataset(Dataset):

@@ -10,7 +10,9 @@ parallelism and loop):
   device tensors (``grad_norm``, ``overflow``, ``loss_scale``), never reading them on the host;
 * ``state_dict()`` / ``load_state_dict()`` / ``save_shards()`` — the optimiser (and loss scale) state.
 
-:func:`build_strategy` picks one from ``dist.engine`` and the number of processes.
+:class:`Strategy` is the interface and the one-process implementation; :mod:`.ddp` and
+:mod:`.deepspeed` are the others, and :func:`damformer.engine.strategies.build_strategy` picks one
+from ``dist.engine`` and the number of processes.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from damformer.config import ConfigError, RunConfig
-from damformer.engine.distributed import DistContext, gather_objects
+from damformer.config import RunConfig
 from damformer.engine.optim import build_optimizer
+from damformer.runtime.distributed import DistContext, gather_objects
 
 Metrics = dict[str, torch.Tensor]
 
@@ -145,52 +147,3 @@ class Strategy:
 
     def close(self) -> None:
         """Release what the strategy set up (a process group of its own)."""
-
-
-class DataParallel(Strategy):
-    """DDP around the student: gradients averaged over the ranks on the last micro-step."""
-
-    name = "ddp"
-
-    def __init__(self, model: nn.Module, config: RunConfig, **kwargs: Any) -> None:
-        super().__init__(model, config, **kwargs)
-        # DDP's contract: every parameter gets a gradient in every backward. MIC's loss touches the LR
-        # head with a zero weight for that (uda/dacs.py); an LR head that no loss trains (the no-ML
-        # ablation, uda.lr_weight 0) needs DDP's search for unused parameters, which costs a graph
-        # traversal per backward and warns on every rank when it finds nothing.
-        lr_head_untrained = getattr(model, "lr_head", None) is not None and config.uda.lr_weight == 0
-        unused = config.dist.find_unused_parameters or lr_head_untrained
-        self.ddp = torch.nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            find_unused_parameters=unused,
-            gradient_as_bucket_view=True,  # gradients are views of DDP's buckets: one layout, no copies
-        )
-
-    @property
-    def forward(self) -> nn.Module:  # noqa: D102
-        return self.ddp
-
-    def accumulating(self, last: bool) -> AbstractContextManager:  # noqa: D102
-        return contextlib.nullcontext() if last else self.ddp.no_sync()
-
-
-def build_strategy(
-    model: nn.Module,
-    config: RunConfig,
-    *,
-    dist: DistContext,
-    device: torch.device,
-    scaler: torch.amp.GradScaler | None,
-) -> Strategy:
-    """DeepSpeed when asked (also on one process), DDP on several processes, else one process."""
-    if config.dist.sync_bn and dist.enabled and device.type != "cuda":
-        raise ConfigError("dist.sync_bn: SyncBatchNorm needs CUDA devices; set dist.sync_bn=false on CPU")
-    kwargs = {"dist": dist, "device": device, "scaler": scaler}
-    if config.dist.engine == "deepspeed":
-        from damformer.engine.deepspeed_engine import DeepSpeedStrategy
-
-        return DeepSpeedStrategy(model, config, **kwargs)
-    if dist.enabled:
-        return DataParallel(model, config, **kwargs)
-    return Strategy(model, config, **kwargs)

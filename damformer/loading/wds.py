@@ -1,13 +1,13 @@
 """Our shards through a plain ``webdataset`` pipeline, for tools outside this package.
 
-    from damformer.data import webdataset_pipeline
-    from damformer.data.collate import collate_samples
+    from damformer.loading.wds import webdataset_pipeline
+    from damformer.loading.collate import collate_samples
 
     dataset = webdataset_pipeline("runs/demo/shards/south", shuffle=100)
     for batch in dataset.batched(8, collation_fn=collate_samples):
         batch["aerial"]  # (8, 5, 512, 512) uint8 tensor, batch["label"] (8, 512, 512), batch["s2"] ...
 
-Each element is the training sample dict of :func:`damformer.data.augment.training_sample` (``key``,
+Each element is the training sample dict of :func:`damformer.loading.augment.training_sample` (``key``,
 ``domain``, ``aerial``, ``label``, ``s2``, ``s2_day_offsets``, ``valid``; webdataset's ``map`` adds
 back ``__key__``), decoded by the same code as the package's own loader, so both see identical arrays.
 The package's loader stays the one training uses: it resumes mid-epoch exactly, splits an epoch across
@@ -22,9 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from damformer.data.augment import training_sample
-from damformer.data.manifest import load_manifest
-from damformer.data.shard_format import decode_sample
+from damformer.loading.augment import training_sample
+from damformer.shards.format import decode_sample
+from damformer.shards.manifest import load_manifest
 
 
 def shard_urls(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
@@ -68,7 +68,7 @@ def webdataset_pipeline(
 
     Returns:
         The pipeline; add stages as usual (``.batched(n, collation_fn=collate_samples)``, ``.map``).
-        Malformed samples raise :class:`~damformer.data.shard_format.ShardFormatError` naming the shard.
+        Malformed samples raise :class:`~damformer.shards.format.ShardFormatError` naming the shard.
     """
     import webdataset as wds  # optional for training: imported only by this pipeline
 

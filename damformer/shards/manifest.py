@@ -18,7 +18,7 @@ import numpy as np
 from damformer.data.classes import NUM_CLASSES
 from damformer.data.flair2 import AERIAL_BANDS, Flair2Sample
 from damformer.data.sentinel import S2_BANDS
-from damformer.data.shard_format import FORMAT_VERSION, ShardFormatError
+from damformer.shards.format import FORMAT_VERSION, ShardFormatError
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_KIND = "damformer-shards"

@@ -36,8 +36,9 @@ from typing import Any
 import torch
 
 from damformer.config import ConfigError, RunConfig
-from damformer.engine.distributed import barrier, gather_objects
-from damformer.engine.strategy import Strategy
+from damformer.engine.strategies.base import Strategy
+from damformer.runtime.artifacts import DEEPSPEED_RECORD, CheckpointError
+from damformer.runtime.distributed import barrier, gather_objects
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +189,6 @@ def file_digests(folder: Path) -> dict[str, str]:
 
 def verify_shards(root: Path, record: dict[str, Any], *, where: Path) -> Path:
     """The tag folder named by a checkpoint, after checking each shard against its SHA-256."""
-    from damformer.engine.checkpoint import CheckpointError
-
     folder = root / record["tag"]
     if not folder.is_dir():
         raise CheckpointError(f"{where}: its DeepSpeed shards {folder} are missing")
@@ -263,7 +262,7 @@ class DeepSpeedStrategy(Strategy):
 
     def load_state_dict(self, state: dict[str, Any], *, where: Path, output_dir: Path) -> None:  # noqa: D102
         root = output_dir / DEEPSPEED_DIR
-        folder = verify_shards(root, state["deepspeed"], where=where)
+        folder = verify_shards(root, state[DEEPSPEED_RECORD], where=where)
         self.engine.load_checkpoint(
             str(root), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=False
         )
@@ -323,7 +322,7 @@ def build_ops() -> float:
     return time.perf_counter() - started
 
 
-if __name__ == "__main__":  # python -m damformer.engine.deepspeed_engine: the one-time op build
+if __name__ == "__main__":  # python -m damformer.engine.strategies.deepspeed: the one-time op build
     seconds = build_ops()
     print(
         f"DeepSpeed CPU comm op ready in {seconds:.1f} s "
