@@ -9,9 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# Exit codes of every damformer command.
+EXIT_USAGE = 2  # a DamformerError: bad input, printed as one line
+EXIT_STOPPED = 75  # sysexits.h EX_TEMPFAIL: stopped on request with a checkpoint; run again to continue
+EXIT_INTERRUPTED = 130
+
 
 class DamformerError(Exception):
     """Base class of all errors damformer reports to the user."""
+
+
+class OptionError(DamformerError):
+    """A command-line option value that cannot work (the message names the option)."""
 
 
 class DataLayoutError(DamformerError):

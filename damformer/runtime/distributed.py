@@ -11,10 +11,12 @@ process and nothing here touches torch.distributed.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import gc
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,3 +179,21 @@ def any_rank(context: DistContext, flag: bool) -> bool:
     tensor = _on_backend(context, torch.tensor([int(flag)]))
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item())
+
+
+@contextlib.contextmanager
+def distributed_session(device: torch.device) -> Iterator[DistContext]:
+    """Join the process group (when launched on several processes) for one command, and always leave it.
+
+    A failed rank leaves at once (its peers may be gone); a successful one waits for the others. What
+    still refers to a gloo group when the interpreter shuts down can abort the rank at exit ("terminate
+    called without an active exception"), so the command's objects are collected before the group goes.
+    """
+    context = init_distributed(device)
+    try:
+        yield context
+    except BaseException:
+        teardown(context, wait=False)
+        raise
+    gc.collect()
+    teardown(context)

@@ -30,8 +30,9 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
+from damformer.errors import EXIT_STOPPED
+
 STORE_FD_VARIABLE = "DAMFORMER_STORE_FD"
-EXIT_STOPPED = 75
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 

@@ -3,7 +3,7 @@
     damformer study configs/studies/miniature.yaml --jobs 2      # train what is not finished, collect
     damformer study configs/studies/paper.yaml --dry-run         # the commands, for another scheduler
     damformer study configs/studies/paper.yaml --collect         # tables, figure, MLflow artifacts only
-    bash slurm/study.sh configs/studies/paper.yaml --nodes=1     # a Slurm job array + a collecting job
+    bash slurm/study.sh configs/studies/paper.yaml               # a Slurm job array + a collecting job
 
 Tracking: one MLflow parent run per study (experiment = the study's name) with every training nested
 under it (tags model, inputs, seed); the tables and the figure are the parent's artifacts. The default
@@ -14,13 +14,17 @@ file over a network file system is not safe).
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from damformer.errors import EXIT_STOPPED
 from damformer.study.results import collect_rows, markdown, write_tables
 from damformer.study.runner import dry_run_lines, run_local, write_task_file
-from damformer.study.spec import Study, StudyRun
+from damformer.study.spec import Study, StudyRun, load_study
 from damformer.study.state import FAILED, FINISHED, StudyState, status
 from damformer.tracking.mlflow_tracker import Tracker
 
@@ -135,3 +139,33 @@ def collect(
         tracker.set_tags({"damformer.unfinished": ", ".join(report.unfinished())[:5000]})
         tracker.finish("FAILED" if FAILED in statuses.values() else "KILLED")
     return report
+
+
+def study_command(args: argparse.Namespace) -> int:
+    """``damformer study``: plan (``--dry-run``, ``--slurm-tasks``), collect, or run, then the table."""
+    study = load_study(args.study, overrides=args.set, output_dir=args.output_dir)
+    if args.dry_run or args.slurm_tasks:
+        planned = plan(study, uri_override=args.tracking_uri, dry_run=args.dry_run)
+        if isinstance(planned, Path):  # slurm/study.sh reads "COUNT PATH" from this line
+            count = len(json.loads(planned.read_text())["tasks"])
+            print(f"{count} {planned}")
+        else:
+            print("\n".join(planned))
+        return 0
+    if args.collect:
+        report = collect(study, uri_override=args.tracking_uri)
+    else:
+        report = run(study, jobs=args.jobs, uri_override=args.tracking_uri)
+    print(report.table)
+    print(f"written: {', '.join(str(path) for path in report.written)}")
+    if report.stopped:
+        print(f"stopped on request; {len(report.unfinished())} run(s) left: run the same command to continue")
+        return EXIT_STOPPED
+    if not report.complete:
+        print("not finished: " + "; ".join(report.unfinished()), file=sys.stderr)
+        print(
+            f"(logs: {study.output_dir}/runs/NAME/seed-S/train.log; the same command retries them)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0

@@ -26,13 +26,13 @@ from pathlib import Path
 from types import FrameType
 
 from damformer.atomic import atomic_write_bytes
+from damformer.errors import EXIT_STOPPED  # a training stopped on request, checkpointed
 from damformer.progress import progress
 from damformer.study.spec import Study, StudyError, StudyRun
 from damformer.study.state import FAILED, FINISHED, INTERRUPTED, StudyState, status
 
 log = logging.getLogger(__name__)
 
-EXIT_STOPPED = 75  # a training stopped on request with a checkpoint (damformer train's exit code)
 LOG_NAME = "train.log"
 
 

@@ -1,0 +1,42 @@
+"""``damformer evaluate``: score a checkpoint on labelled shard sets (IoU per class, mIoU, accuracy)."""
+
+from __future__ import annotations
+
+import argparse
+
+from damformer.data.classes import FLAIR_CLASSES
+from damformer.errors import OptionError
+from damformer.eval.evaluate import evaluate
+from damformer.runtime.artifacts import load_model
+from damformer.runtime.cpu_memory import retain_freed_memory
+from damformer.runtime.device import resolve_device
+from damformer.shards.shardset import ShardSet
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    """Check the checkpoint, then the shards (labelled), then score and print the table."""
+    if args.batch_size < 1:
+        raise OptionError(f"--batch-size {args.batch_size}: expected >= 1")
+    # the checkpoint first: a refused one (not weights, or no damformer checkpoint) is the likelier mistake
+    model, model_config, state = load_model(args.checkpoint, teacher=args.teacher)
+    shard_set = ShardSet(args.shards, domains=args.domains)
+    unlabelled = [
+        str(f)
+        for f, m in zip(args.shards, shard_set.manifests, strict=True)
+        if not m["params"]["with_labels"]
+    ]
+    if unlabelled:
+        raise OptionError(
+            f"--shards {', '.join(unlabelled)}: sharded without labels (--no-labels): evaluation needs a "
+            "labelled set, e.g. the target's test split"
+        )
+    device = resolve_device(args.device)
+    retain_freed_memory(device)
+    model.to(device)
+    result = evaluate(
+        model, shard_set, num_classes=model_config.num_classes, batch_size=args.batch_size, device=device
+    )
+    names = [c.name for c in FLAIR_CLASSES][: model_config.num_classes]
+    print(f"{model_config.name} at iteration {state['iteration']} on {', '.join(map(str, args.shards))}")
+    print(result.table(names))
+    return 0

@@ -1,0 +1,78 @@
+"""``damformer predict``: georeferenced land-cover maps of FLAIR-2 patches or of aerial GeoTIFFs of any size.
+
+Every option, the checkpoint and the inputs are checked before any compute; under torchrun the inputs
+are split across the ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from damformer.data.classes import FLAIR_CLASSES
+from damformer.errors import OptionError
+from damformer.predict.mosaic import MosaicOptions, SentinelStack, check_mosaic, predict_mosaics
+from damformer.predict.run import Outputs, predict_flair2
+from damformer.predict.sliding import PatchPredictor
+from damformer.runtime.artifacts import load_model
+from damformer.runtime.cpu_memory import retain_freed_memory
+from damformer.runtime.device import amp_context, resolve_device
+from damformer.runtime.distributed import distributed_session, sum_over_ranks
+from damformer.runtime.folders import check_writable_folder
+
+
+def check_predict_options(args: argparse.Namespace) -> int:
+    """Option values before anything is loaded; returns the stride."""
+    if args.batch_size < 1:
+        raise OptionError(f"--batch-size {args.batch_size}: expected >= 1")
+    if args.window < 32 or args.window % 32:
+        raise OptionError(
+            f"--window {args.window}: expected a multiple of 32 (the encoder's deepest stride), e.g. "
+            f"{max(32, args.window // 32 * 32)} or {max(32, -(-args.window // 32) * 32)}"
+        )
+    stride = args.stride or max(1, args.window * 3 // 4)
+    if not 1 <= stride <= args.window:
+        raise OptionError(f"--stride {stride}: expected 1..--window ({args.window})")
+    if args.s2 and not args.s2_dates:
+        raise OptionError("--s2 needs --s2-dates (a text file, one YYYY-MM-DD per line, one per date)")
+    missing = [str(path) for path in args.src if not path.exists()]
+    if missing:
+        raise OptionError(f"--src: not found: {', '.join(missing)}")
+    check_writable_folder(args.out, "--out")
+    return stride
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    """Write the maps (and optional probabilities and quicklooks); FLAIR-2 patches are also scored."""
+    stride = check_predict_options(args)
+    model, model_config, state = load_model(args.checkpoint, teacher=args.teacher)
+    flair2 = len(args.src) == 1 and args.src[0].is_dir()
+    stack = SentinelStack.open(args.s2, args.s2_dates, reference=args.s2_reference) if args.s2 else None
+    options = MosaicOptions(
+        args.window, stride, args.batch_size, stack, bands=args.bands, allow_partial_s2=args.allow_partial_s2
+    )
+    mosaics = [] if flair2 else [check_mosaic(path, model_config, options) for path in args.src]
+    device = resolve_device(args.device)
+    retain_freed_memory(device)
+    with distributed_session(device) as dist:
+        autocast, _ = amp_context(args.precision, device)
+        predictor = PatchPredictor(model, device, autocast=autocast, flips=args.tta)
+        outputs = Outputs(args.out, probabilities=args.probabilities, quicklook=args.quicklook,
+                          overwrite=args.overwrite)  # fmt: skip
+        if flair2:
+            result = predict_flair2(
+                args.src[0], model, model_config, outputs, predictor=predictor, split=args.split,
+                domains=args.domains, batch_size=args.batch_size, rank=dist.rank, world_size=dist.world_size,
+                reduce=lambda matrix: sum_over_ranks(dist, matrix),
+            )  # fmt: skip
+            if dist.is_main:
+                print(f"{model_config.name} (iteration {state['iteration']}): maps in {args.out}")
+                if result is not None:
+                    print(result.table([c.name for c in FLAIR_CLASSES][: model_config.num_classes]))
+        else:
+            written = predict_mosaics(
+                mosaics, model_config, outputs, options, predictor=predictor, rank=dist.rank,
+                world_size=dist.world_size,
+            )  # fmt: skip
+            for source, path in zip(args.src[dist.rank :: dist.world_size], written, strict=True):
+                print(f"{source} -> {path}")
+    return 0
