@@ -34,7 +34,7 @@ from bench_uda import synthetic_batch
 from common import machine_description, mib, peak_rss_bytes, print_table, synchronize, verdict, write_json
 
 from damformer.config import DataConfig, DistConfig, RunConfig
-from damformer.engine import deepspeed_engine
+from damformer.engine.strategies import deepspeed as deepspeed_engine
 from damformer.runtime.cpu_memory import retain_freed_memory
 from damformer.runtime.distributed import DistContext, gather_objects, init_distributed, teardown
 from damformer.engine.optim import build_optimizer

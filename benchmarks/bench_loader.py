@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_json
 
-from damformer.data import Flair2Dataset, webdataset_pipeline
+from damformer.data import Flair2Dataset
+from damformer.loading.wds import webdataset_pipeline
 from damformer.loading.collate import collate_samples
 from damformer.loading.rawtree import RawTreeDataset
 from damformer.loading.loader import LoaderOptions, ShardLoader

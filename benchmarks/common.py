@@ -59,7 +59,7 @@ def setup(args: argparse.Namespace) -> torch.device:
         sys.exit(f"--device {args.device}: CUDA is not available on this machine (torch {torch.__version__})")
     if args.threads:
         torch.set_num_threads(args.threads)
-    retain_freed_memory(device)  # as training and prediction do on CPU (damformer/engine/cpu_memory.py)
+    retain_freed_memory(device)  # as training and prediction do on CPU (damformer/runtime/cpu_memory.py)
     return device
 
 

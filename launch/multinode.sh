@@ -13,7 +13,7 @@ set -euo pipefail
 config="${1:?usage: NNODES=N RDZV_ENDPOINT=HOST:PORT launch/multinode.sh CONFIG [options...]}"
 shift
 gpus="${GPUS:-$(python -c 'import torch; print(torch.cuda.device_count() or 1)')}"
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1  # a fresh store per restart (see damformer/engine/distributed.py)
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1  # a fresh store per restart (see damformer/runtime/distributed.py)
 exec torchrun \
     --nnodes="${NNODES:?set NNODES, the number of nodes}" \
     --nproc_per_node="$gpus" \

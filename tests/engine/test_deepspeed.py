@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchrun_helpers import EQUIVALENT, one_thread, run, standalone, student, torchrun
 
 from damformer.config import ConfigError, load_config
 from damformer.engine.strategies import deepspeed as deepspeed_engine
 from damformer.engine.train import Trainer
 from damformer.runtime.artifacts import CheckpointError, load_checkpoint
+from tests.helpers.torchrun import EQUIVALENT, one_thread, run, standalone, student, torchrun
 
 pytestmark = pytest.mark.timeout(300)
 LAUNCH = Path(__file__).parents[2] / "launch" / "deepspeed"

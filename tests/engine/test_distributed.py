@@ -7,11 +7,16 @@ import time
 
 import pytest
 import torch
-from checkpoint_watch import CheckpointWatch
-from torchrun_helpers import (
+
+from damformer.config import ConfigError, load_config
+from damformer.engine.train import Trainer
+from damformer.runtime.artifacts import load_checkpoint
+from damformer.runtime.distributed import ranks_from_environment
+from tests.helpers import free_port
+from tests.helpers.checkpoints import CheckpointWatch
+from tests.helpers.torchrun import (
     EQUIVALENT,
     clean_env,
-    free_port,
     is_bn_buffer,
     one_thread,
     run,
@@ -19,11 +24,6 @@ from torchrun_helpers import (
     student,
     torchrun,
 )
-
-from damformer.config import ConfigError, load_config
-from damformer.engine.train import Trainer
-from damformer.runtime.artifacts import load_checkpoint
-from damformer.runtime.distributed import ranks_from_environment
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -7,11 +7,11 @@ import time
 
 import pytest
 import torch
-from torchrun_helpers import EQUIVALENT, clean_env, standalone, torchrun
 
 from damformer.config import load_config
 from damformer.engine.train import Trainer
 from damformer.runtime.artifacts import load_checkpoint
+from tests.helpers.torchrun import EQUIVALENT, clean_env, standalone, torchrun
 
 pytestmark = pytest.mark.timeout(300)
 

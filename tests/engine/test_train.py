@@ -8,13 +8,13 @@ import time
 
 import pytest
 import torch
-from checkpoint_watch import CheckpointWatch
 
 from damformer.cli import main
 from damformer.config import ConfigError, load_config
 from damformer.engine.train import Trainer
 from damformer.runtime.artifacts import load_checkpoint
 from damformer.shards.format import ShardFormatError
+from tests.helpers.checkpoints import CheckpointWatch
 
 
 def _train(overrides, **kwargs):

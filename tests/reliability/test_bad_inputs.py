@@ -16,15 +16,13 @@ from damformer.engine.train import Trainer
 from damformer.shards.format import ShardFormatError
 from damformer.shards.manifest import MANIFEST_NAME, load_manifest
 from damformer.shards.shardset import ShardSet
+from tests.helpers import train_command
 
 NO_EVAL = {"eval": {"interval": 0}}
 
 
 def _train(overrides: list[str], *extra: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "damformer", "-q", "train", "/dev/null", *extra]
-    for assignment in overrides:
-        command += ["--set", assignment]
-    return subprocess.run(command, capture_output=True, text=True, check=False)
+    return subprocess.run(train_command(overrides, *extra), capture_output=True, text=True, check=False)
 
 
 def test_a_manifest_of_another_format_version_is_refused(tiny_shards, tmp_path):

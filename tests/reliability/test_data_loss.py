@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -22,18 +21,15 @@ from damformer.engine.train import Trainer
 from damformer.runtime.artifacts import load_checkpoint
 from damformer.runtime.distributed import DistContext
 from damformer.shards.writer import write_shards
-from tests.reliability.training_process import start_training
+from tests.helpers import train_command
+from tests.helpers.training_process import start_training
 
 pytestmark = pytest.mark.timeout(300)
 NO_EVAL = {"eval": {"interval": 0}}
 
 
 def _train_command(overrides: list[str], *extra: str) -> list[str]:
-    # -q: no progress; INFO: the resume and fresh-start lines these tests read
-    command = [sys.executable, "-m", "damformer", "-q", "--log-level", "INFO", "train", "/dev/null", *extra]
-    for assignment in overrides:
-        command += ["--set", assignment]
-    return command
+    return train_command(overrides, *extra, log_level="INFO")  # the resume and fresh-start lines read here
 
 
 def test_ctrl_c_checkpoints_after_the_step_and_resume_continues(tiny_overrides, tmp_path):

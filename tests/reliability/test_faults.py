@@ -11,7 +11,6 @@ import json
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,21 +26,11 @@ from damformer.config import load_config
 from damformer.engine.train import Trainer
 from damformer.runtime.artifacts import CheckpointError, load_checkpoint
 from damformer.shards.writer import verify_shards
-from tests.reliability.training_process import start_training
+from tests.helpers import damformer_command, free_port, train_command
+from tests.helpers.training_process import start_training
 
 pytestmark = pytest.mark.timeout(400)
 NO_EVAL = {"eval": {"interval": 0}}
-
-
-def _command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "damformer", "-q", *args]
-
-
-def _train_command(overrides: list[str], *extra: str) -> list[str]:
-    command = _command("train", "/dev/null", *extra)
-    for assignment in overrides:
-        command += ["--set", assignment]
-    return command
 
 
 def _limit_file_size(limit: int) -> Callable[[], None]:
@@ -63,7 +52,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tiny_overrides
     full.run()
     run = tmp_path / "killed"
     overrides = tiny_overrides(run, **sections)
-    process = subprocess.Popen(_train_command(overrides), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(train_command(overrides), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     checkpoint = run / "checkpoint.pt"
     caught = []
     deadline = time.monotonic() + 240
@@ -84,7 +73,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tiny_overrides
         with pytest.raises(CheckpointError, match="incomplete|CRC"):
             load_checkpoint(leftovers[0])
     resumed = subprocess.run(
-        _train_command(overrides, "--resume"), capture_output=True, text=True, check=False, timeout=300
+        train_command(overrides, "--resume"), capture_output=True, text=True, check=False, timeout=300
     )
     assert resumed.returncode == 0, resumed.stderr
     assert not _temporaries(run)
@@ -110,7 +99,7 @@ def test_truncated_or_corrupted_checkpoints_are_refused_by_name(tiny_overrides, 
     checkpoint.write_bytes(bytes(corrupted))
     with pytest.raises(CheckpointError, match="fails its CRC-32 check"):
         load_checkpoint(checkpoint)
-    command = _train_command(overrides, "--resume")
+    command = train_command(overrides, "--resume")
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{checkpoint}: record" in result.stderr and "CRC-32" in result.stderr
@@ -120,7 +109,7 @@ def test_sigterm_saves_a_checkpoint_in_bounded_time_and_exits_75(tiny_overrides,
     run = tmp_path / "run"
     sections = {**NO_EVAL, "optim": {"max_iters": 200}, "log": {"checkpoint_interval": 1000}}
     overrides = tiny_overrides(run, **sections)
-    process, header = start_training(_train_command(overrides))
+    process, header = start_training(train_command(overrides))
     time.sleep(4)  # a few steps in
     assert process.poll() is None, process.stderr.read()
     assert not (run / "checkpoint.pt").is_file()  # the next checkpoint would only come at 1000
@@ -139,7 +128,7 @@ def test_sigterm_saves_a_checkpoint_in_bounded_time_and_exits_75(tiny_overrides,
 def test_a_process_that_dies_in_native_code_shows_its_python_stack(tiny_overrides, tmp_path):
     """SIGABRT (what a C++ std::terminate raises): the dying rank says where its Python stood."""
     overrides = tiny_overrides(tmp_path / "run", **NO_EVAL, optim={"max_iters": 200})
-    process, _ = start_training(_train_command(overrides))
+    process, _ = start_training(train_command(overrides))
     time.sleep(1)
     process.send_signal(signal.SIGABRT)
     _, err = process.communicate(timeout=60)
@@ -186,7 +175,7 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(tiny_overri
     checkpoint = run / "checkpoint.pt"
     before = checkpoint.read_bytes()
     result = subprocess.run(
-        _train_command(overrides, "--resume"),
+        train_command(overrides, "--resume"),
         capture_output=True,
         text=True,
         check=False,
@@ -198,14 +187,14 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(tiny_overri
     assert checkpoint.read_bytes() == before and load_checkpoint(checkpoint)["iteration"] == 2
     assert not _temporaries(run)
     # Space is back: the same command resumes from the kept checkpoint and finishes.
-    again = subprocess.run(_train_command(overrides, "--resume"), capture_output=True, text=True, check=False)
+    again = subprocess.run(train_command(overrides, "--resume"), capture_output=True, text=True, check=False)
     assert again.returncode == 0, again.stderr
     assert load_checkpoint(checkpoint)["iteration"] == 6
 
 
 def test_disk_full_while_sharding_keeps_the_complete_shards(tiny_root, tmp_path):
     out = tmp_path / "shards"
-    command = _command("shard", "--root", str(tiny_root), "--out", str(out), "--domains", "south")
+    command = damformer_command("shard", "--root", str(tiny_root), "--out", str(out), "--domains", "south")
     command += ["--max-samples", "1"]
     first = subprocess.run(command, capture_output=True, text=True, check=False)
     assert first.returncode == 0, first.stderr
@@ -246,12 +235,6 @@ def _mlflow_server(folder: Path, port: int) -> subprocess.Popen:
     pytest.fail("mlflow server did not answer /health in 90 s")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _logged_steps(port: int) -> int:
     """The highest metric step of the first run on the server (0 when none, or unreachable)."""
     try:
@@ -277,14 +260,14 @@ def _logged_steps(port: int) -> int:
 
 
 def test_tracking_server_dying_mid_run_does_not_stop_training(tiny_overrides, tmp_path):
-    port = _free_port()
+    port = free_port()
     server_folder = tmp_path / "server"
     server_folder.mkdir()
     server = _mlflow_server(server_folder, port)
     run = tmp_path / "run"
     sections = {**NO_EVAL, "optim": {"max_iters": 40}, "log": {"tracking": True, "checkpoint_interval": 40}}
     overrides = tiny_overrides(run, **sections)
-    command = _train_command(overrides, "--tracking-uri", f"http://127.0.0.1:{port}")
+    command = train_command(overrides, "--tracking-uri", f"http://127.0.0.1:{port}")
     env = dict(os.environ, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

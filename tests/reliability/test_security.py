@@ -1,7 +1,7 @@
 """Security: crafted checkpoints run no code, servers listen on the loopback, no shell strings.
 
 Crafted tar member names (absolute, ``..``, links, unknown keys, a key split in two groups) are refused
-in tests/data/test_shards.py (``test_crafted_member_names_are_refused`` and its neighbours).
+in tests/shards/test_shards.py (``test_crafted_member_names_are_refused`` and its neighbours).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 
 from damformer.runtime.artifacts import CheckpointError, load_checkpoint
 from damformer.tracking.ui import UIError, is_loopback, resolve_one_store, ui_command
+from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -73,12 +74,6 @@ def test_a_crafted_pickle_checkpoint_is_refused_without_running_code(tmp_path):
     assert not marker.exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _listening_addresses(port: int) -> set[str]:
     """Local IPv4 addresses with a socket listening on ``port`` (from /proc/net/tcp)."""
     found = set()
@@ -101,7 +96,7 @@ def test_the_ui_server_binds_to_the_loopback_by_default(tmp_path):
     tracker.log_metrics({"mIoU": 50.0}, step=1)
     tracker.finish()
     assert tracker.run_id is not None
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     server = subprocess.Popen(
         [sys.executable, "-m", "damformer", "ui", str(run), "--port", str(port)],
@@ -191,7 +186,7 @@ def _processes_listening_on(port: int) -> set[int]:
 
 def test_sigterm_to_the_ui_stops_the_server_it_started(tmp_path):
     run = _tracked_run(tmp_path / "run")
-    port = _free_port()
+    port = free_port()
     ui = subprocess.Popen(
         [sys.executable, "-m", "damformer", "ui", str(run), "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from torchrun_helpers import clean_env, free_port
 
 from damformer.config import load_config
 from damformer.engine.train import Trainer
 from damformer.eval.figures import confusion_png
 from damformer.shards.tario import sha256_file
 from damformer.tracking.mlflow_tracker import experiment_family
+from tests.helpers import free_port
+from tests.helpers.torchrun import clean_env
 
 pytestmark = pytest.mark.timeout(300)
 QUICK = {"optim": {"max_iters": 2}, "eval": {"interval": 0}, "log": {"tracking": True}}

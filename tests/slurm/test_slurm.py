@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-import slurm_cluster
-from torchrun_helpers import clean_env
 
 from damformer.runtime.artifacts import load_checkpoint
+from tests.helpers import slurm_cluster
+from tests.helpers.torchrun import clean_env
 
 pytestmark = pytest.mark.timeout(600)
 SLURM = Path(__file__).parents[2] / "slurm"

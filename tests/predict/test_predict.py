@@ -218,7 +218,7 @@ def test_predict_writes_maps_without_gdal_noise_on_stderr(checkpoints, tiny_shar
     import subprocess
     import sys
 
-    from torchrun_helpers import clean_env
+    from tests.helpers.torchrun import clean_env
 
     command = [sys.executable, "-m", "damformer", "predict", "--checkpoint", str(checkpoints["temporal"])]
     command += ["--src", str(_root(tiny_shards)), "--out", str(tmp_path / "maps"), "--domains", "north"]
@@ -239,7 +239,7 @@ def test_torchrun_splits_the_patches_across_ranks(checkpoints, tiny_shards, tmp_
     import subprocess
     import sys
 
-    from torchrun_helpers import clean_env
+    from tests.helpers.torchrun import clean_env
 
     out = tmp_path / "maps"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

@@ -6,9 +6,10 @@ import time
 from pathlib import Path
 
 import pytest
-from torchrun_helpers import clean_env, free_port
 
 from damformer.runtime.artifacts import load_checkpoint
+from tests.helpers import free_port
+from tests.helpers.torchrun import clean_env
 
 pytestmark = pytest.mark.timeout(300)
 LAUNCH = Path(__file__).parents[2] / "launch"

@@ -17,13 +17,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.helpers import free_port
+
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _install() -> str | None:
@@ -109,8 +105,8 @@ def _config(folder: Path, host: str, cpus: int) -> str:
         [
             "ClusterName=damformer-test",
             f"SlurmctldHost={host}(127.0.0.1)",
-            f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
+            f"SlurmctldPort={free_port()}",
+            f"SlurmdPort={free_port()}",
             "AuthType=auth/munge",
             # A requeued job waits out the revoked credential of its last run (default 120 s); releasing
             # it sooner by hand makes slurmd refuse it ("Job credential revoked").
