@@ -34,11 +34,11 @@ from bench_uda import synthetic_batch
 from common import machine_description, mib, peak_rss_bytes, print_table, synchronize, verdict, write_json
 
 from damformer.config import DataConfig, DistConfig, RunConfig
+from damformer.engine.optim import build_optimizer
 from damformer.engine.strategies import deepspeed as deepspeed_engine
+from damformer.models.factory import ModelConfig, build_model
 from damformer.runtime.cpu_memory import retain_freed_memory
 from damformer.runtime.distributed import DistContext, gather_objects, init_distributed, teardown
-from damformer.engine.optim import build_optimizer
-from damformer.models.factory import ModelConfig, build_model
 from damformer.uda.dacs import SelfTraining
 
 MODES = ("single", "ddp", "zero1", "zero2")

@@ -40,15 +40,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_json
 
 from damformer.data import Flair2Dataset
-from damformer.loading.wds import webdataset_pipeline
 from damformer.loading.collate import collate_samples
-from damformer.loading.rawtree import RawTreeDataset
 from damformer.loading.loader import LoaderOptions, ShardLoader
-from damformer.shards.shardset import ShardSet
-from damformer.shards.format import compact_s2
-from damformer.shards.writer import ShardWriteOptions, write_shards
+from damformer.loading.rawtree import RawTreeDataset
+from damformer.loading.wds import webdataset_pipeline
 from damformer.miniature.synth import SynthOptions, generate
 from damformer.progress import set_quiet
+from damformer.shards.format import compact_s2
+from damformer.shards.shardset import ShardSet
+from damformer.shards.writer import ShardWriteOptions, write_shards
 
 BATCH = 4
 

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, verdict
 
 from damformer.config import RunConfig
-from damformer.runtime.artifacts import save_checkpoint
 from damformer.models.factory import ModelConfig, build_model
+from damformer.runtime.artifacts import save_checkpoint
 
 
 def write_mosaic(path: Path, size: int) -> None:
