@@ -171,7 +171,11 @@ def test_dry_run_prints_the_commands_and_runs_nothing(study_sets, tmp_path, caps
     for assignment in study_sets():
         args += ["--set", assignment]
     assert main(args) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    printed = capsys.readouterr().out.strip().splitlines()
+    summaries = [line for line in printed if line.startswith("# ")]  # what each entry trains, resolved
+    assert len(summaries) == 4 and summaries[0].startswith("# unet_c-rgbne: U-Net (C) RGB+NIR+E, CNN encoder")
+    assert all("global batch 4 + 4, 3 iterations" in line for line in summaries), summaries
+    lines = [line for line in printed if not line.startswith("# ")]
     assert len(lines) == 8 + 1  # 4 configs x 2 seeds, then the collecting command
     assert all(line.startswith("damformer train configs/ablation/") for line in lines[:8])
     assert "--auto-resume" in lines[0] and "run.seed=1" in lines[1] and "log.experiment=miniature" in lines[0]

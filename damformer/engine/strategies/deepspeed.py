@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from damformer.config import ConfigError, RunConfig
+from damformer.config.batch import LEGACY_RANK_BATCH
 from damformer.engine.strategies.base import Strategy
 from damformer.runtime.artifacts import DEEPSPEED_RECORD, CheckpointError
 from damformer.runtime.distributed import barrier, gather_objects
@@ -116,12 +117,13 @@ def deepspeed_config(config: RunConfig, world_size: int, device: torch.device) -
     if stage not in (1, 2):
         raise ConfigError(f"{source}: zero_optimization.stage must be 1 or 2, found {stage!r}")
     zero["stage"] = stage
-    optim, data = config.optim, config.data
+    optim = config.optim
+    batch = config.data.batch_size or LEGACY_RANK_BATCH  # the trainer passes it resolved (config.batch)
     merged: dict[str, Any] = {
         **{k: v for k, v in user.items() if k not in ("zero_optimization", "fp16")},
-        "train_micro_batch_size_per_gpu": data.batch_size,
+        "train_micro_batch_size_per_gpu": batch,
         "gradient_accumulation_steps": optim.grad_accum,
-        "train_batch_size": data.batch_size * optim.grad_accum * world_size,
+        "train_batch_size": batch * optim.grad_accum * world_size,
         "gradient_clipping": float(optim.grad_clip or 0.0),
         "managed_gradient_accumulation": False,
         "zero_optimization": zero,
