@@ -43,6 +43,10 @@ class ConfigError(DamformerError):
     """A configuration key is unknown, of the wrong type, or has a bad value, or does not fit the data."""
 
 
+class DivergedError(DamformerError):
+    """A loss or a weight became NaN or infinite: the run stops, its last good checkpoint is kept."""
+
+
 class OutputExistsError(DamformerError):
     """An output path exists and overwriting was not requested."""
 

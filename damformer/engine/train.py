@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from damformer.engine.metrics import MetricsQueue
 from damformer.engine.optim import lr_factor, set_learning_rate
 from damformer.engine.stop import StopRequest
 from damformer.engine.strategies import build_strategy
+from damformer.errors import DivergedError
 from damformer.eval import report
 from damformer.eval.evaluate import evaluate, to_device
 from damformer.eval.metrics import SegmentationScores
@@ -130,6 +132,7 @@ class Trainer:
         self.iteration = 0
         self.tracker = Tracker.off()
         self.tracking_run_id: str | None = None  # kept in checkpoints: a resumed run continues it
+        self.saved_iteration: int | None = None  # of the checkpoint on disk (a diverged run names it)
         self.history: list[dict[str, float]] = []
         self.metrics = MetricsQueue(self.dist)  # step metrics on the device, read at log intervals
         self.evaluations: list[dict[str, Any]] = []
@@ -198,8 +201,13 @@ class Trainer:
         self.tracking_run_id = state.get("tracking_run_id")
 
     def save(self) -> Path:
-        """Write the checkpoint and the loss history (atomically, rank 0; every rank must call it)."""
+        """Write the checkpoint and the loss history (atomically, rank 0; every rank must call it).
+
+        Never with non-finite losses or weights: the last good checkpoint stays (DivergedError).
+        """
         self.flush_metrics()
+        if not self._weights_finite():  # every rank holds the same student (DDP): all raise together
+            self._diverged(f"a weight of the student is not finite after iteration {self.iteration}")
         state, folder = self.state_dict(), RunFolder(self.output_dir)
         record = self.strategy.save_shards(self.output_dir, self.iteration)  # DeepSpeed's, before the commit
         if self.dist.is_main:
@@ -209,6 +217,7 @@ class Trainer:
             atomic_write_bytes(folder.history, json.dumps(self.history).encode())
             self.strategy.after_save(self.output_dir, record)
         barrier(self.dist)
+        self.saved_iteration = self.iteration
         return folder.checkpoint
 
     # -- the loop --------------------------------------------------------------------------------
@@ -243,10 +252,36 @@ class Trainer:
         return totals
 
     def flush_metrics(self) -> list[dict[str, float]]:
-        """Read the queued steps' metrics into the history (collective: every rank calls it)."""
+        """Read the queued steps' metrics into the history (collective: every rank calls it).
+
+        Raises:
+            DivergedError: a loss is NaN or infinite (averaged over the ranks: every rank raises).
+        """
         entries = self.metrics.flush()
+        for entry in entries:
+            bad = sorted(k for k, v in entry.items() if k.startswith("loss_") and not math.isfinite(v))
+            if bad:
+                self._diverged(f"{bad[0]} is {entry[bad[0]]} at iteration {int(entry['iteration']) + 1}")
         self.history.extend(entries)
         return entries
+
+    def _diverged(self, what: str) -> None:
+        folder = RunFolder(self.output_dir)
+        kept = (
+            f"the last good checkpoint, {folder.checkpoint} (iteration {self.saved_iteration}), is kept"
+            if self.saved_iteration is not None
+            else "no checkpoint was written"
+        )
+        message = f"training diverged: {what}; stopped, {kept}"
+        if self.dist.is_main:  # compare and study list the run as failed, with why
+            record = {"reason": message, "iteration": self.iteration}
+            atomic_write_bytes(folder.failure, json.dumps(record).encode())
+        raise DivergedError(f"{message}. Lower optim.lr, set optim.grad_clip, or use run.precision=fp32")
+
+    def _weights_finite(self) -> bool:
+        """Whether every student weight is finite (one reduction, read once: at checkpoint time)."""
+        checks = [torch.isfinite(p).all() for p in self.model.parameters()]
+        return bool(torch.stack(checks).all())
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -305,6 +340,7 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
             dump_config(self.stated_config, RunFolder(self.output_dir).config)
+            RunFolder(self.output_dir).failure.unlink(missing_ok=True)  # this attempt may well succeed
         hostnames = gather_objects(self.dist, hostname())  # collective: every rank calls it
         if self.dist.is_main and self.config.log.tracking:
             self.tracker = tracking.start_tracking(
@@ -338,12 +374,15 @@ class Trainer:
         if self.dist.is_main:  # one progress bar per job, not per rank
             steps = progress(steps, desc="train", unit="it", total=end - self.iteration)
         saved_at_end = self.iteration > 0  # the checkpoint on disk holds the current state (resumed)
+        self.saved_iteration = self.iteration if saved_at_end else None
         for _ in steps:
             self.step()
             done = self.iteration
             logging_now = _due(done, config.log.interval) or done == end
+            if logging_now or self.device.type == "cpu":  # on a CPU reading costs nothing: every step
+                self.flush_metrics()  # a diverged loss stops the run here
             if logging_now:
-                metrics = self.flush_metrics()[-1]
+                metrics = self.history[-1]
                 rate = (done - first) / max(time.perf_counter() - started, 1e-9)
                 shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "iteration")
                 log.info("it %d/%d %s (%.2f it/s)", done, config.optim.max_iters, shown, rate)

@@ -45,6 +45,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 CONFIG_NAME = "config.yaml"
 HISTORY_NAME = "history.json"
 SCORES_NAME = "scores.json"
+FAILURE_NAME = "failure.json"  # why a run stopped for good (a diverged training), until it is rerun
 DEEPSPEED_RECORD = "deepspeed"  # the checkpoint's key naming DeepSpeed's per-rank shards
 # Where the networks' weights are in a checkpoint's "uda" state (damformer.uda.dacs.SelfTraining).
 STUDENT_PREFIX, TEACHER_PREFIX = "student.", "teacher.model."
@@ -71,6 +72,11 @@ class RunFolder:
     def history(self) -> Path:
         """Every optimiser step's metrics (JSON list)."""
         return self.path / HISTORY_NAME
+
+    @property
+    def failure(self) -> Path:
+        """Why the run failed (JSON: ``reason``, ``iteration``), written when it stops for good."""
+        return self.path / FAILURE_NAME
 
     @property
     def scores(self) -> Path:
@@ -232,6 +238,14 @@ def load_model(checkpoint: Path, *, teacher: bool = False) -> tuple[torch.nn.Mod
     weights = {k.removeprefix(prefix): v for k, v in state["uda"].items() if k.startswith(prefix)}
     if not weights:
         raise ConfigError(f"{checkpoint}: no {'teacher' if teacher else 'student'} weights in it")
+    broken = next(
+        (k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None
+    )
+    if broken is not None:
+        raise CheckpointError(
+            f"{checkpoint}: weight {broken} holds NaN or infinite values (a diverged training): its maps "
+            "and scores would be meaningless; use a checkpoint of a run that did not diverge"
+        )
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:

@@ -57,6 +57,9 @@ def rows_from_folders(folders: Sequence[Path]) -> list[RunRow]:
     rows = []
     for folder in folders:
         scores_path, config_path = RunFolder(folder).scores, RunFolder(folder).config
+        if RunFolder(folder).failure.is_file() and config_path.is_file() and not scores_path.is_file():
+            rows.append(_failed_row(Path(folder)))
+            continue
         for path in (config_path, scores_path):
             if not path.is_file():
                 raise CompareError(
@@ -80,6 +83,23 @@ def rows_from_folders(folders: Sequence[Path]) -> list[RunRow]:
                    scores["accuracy"], iou)
         )  # fmt: skip
     return rows
+
+
+def _failed_row(folder: Path) -> RunRow:
+    """A run that stopped for good (failure.json): its model, and why, instead of scores."""
+    from damformer.config import build_section
+    from damformer.models.factory import ModelConfig
+
+    try:
+        config = yaml.safe_load(RunFolder(folder).config.read_text())
+        failure = json.loads(RunFolder(folder).failure.read_text())
+        model = build_section(ModelConfig, config["model"], "model")
+    except (OSError, ValueError, KeyError, yaml.YAMLError) as exc:
+        raise CompareError(f"{folder}: cannot read its config.yaml / failure.json ({exc})") from None
+    status = f"failed at iteration {failure.get('iteration', '?')}"
+    training = _training(config.get("uda", {}).get("enabled", True))
+    return RunRow(folder.name, model.name, _inputs(model.bands, model.temporal), training, status, math.nan,
+                  math.nan)  # fmt: skip
 
 
 def rows_from_mlflow(uri: str, experiment: str) -> list[RunRow]:
