@@ -12,7 +12,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).parents[1] / "damformer"
 LAYERS = [
-    {"__init__", "errors", "atomic", "logs", "progress"},  # the foundation (__init__: the version)
+    {"__init__", "errors"},  # the version; our exception types and exit codes
+    {"atomic", "logs", "progress"},  # safe writes and output folders, logging, progress bars
     {"data"},  # the FLAIR-2 dataset
     {"miniature", "shards"},  # the generator; the shard format, writer and sets
     {"loading"},  # training input

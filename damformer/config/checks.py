@@ -83,6 +83,7 @@ def validate(config: RunConfig, *, check_files: bool = True) -> None:
 
 # Numeric values with a lower bound: (section, key, bound, strict: ">" rather than ">=").
 _LOWER_BOUNDS = (
+    ("run", "seed", 0, False),  # numpy and torch seed generators take non-negative seeds
     ("optim", "lr", 0.0, True),
     ("optim", "weight_decay", 0.0, False),
     ("optim", "head_lr_mult", 0.0, True),

@@ -8,12 +8,12 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from damformer.atomic import check_writable_folder
 from damformer.config import RunConfig, load_config
 from damformer.config.batch import plan_batch
 from damformer.errors import EXIT_STOPPED, OptionError
 from damformer.runtime.device import resolve_device
 from damformer.runtime.distributed import distributed_session
-from damformer.runtime.folders import check_writable_folder
 from damformer.tracking.mlflow_tracker import experiment_family
 
 if TYPE_CHECKING:

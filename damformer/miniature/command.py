@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from damformer.atomic import check_writable_folder
 from damformer.errors import OptionError
 from damformer.miniature.synth import SynthOptions, generate
 
@@ -21,6 +23,7 @@ def synth_command(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise OptionError(str(exc)) from None
+    check_writable_folder(Path(args.out).parent if Path(args.out).exists() else Path(args.out), "--out")
     info = generate(args.out, options, overwrite=args.overwrite)
     counts = ", ".join(f"{key}: {value}" for key, value in sorted(info["patches"].items()))
     print(f"miniature FLAIR-2 written to {args.out} ({counts} patches of {options.patch_size} px)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from damformer.atomic import check_writable_folder
 from damformer.data.classes import FLAIR_CLASSES
 from damformer.errors import OptionError
 from damformer.predict.mosaic import MosaicOptions, SentinelStack, check_mosaic, predict_mosaics
@@ -17,7 +18,6 @@ from damformer.runtime.artifacts import load_model
 from damformer.runtime.cpu_memory import retain_freed_memory
 from damformer.runtime.device import amp_context, resolve_device
 from damformer.runtime.distributed import distributed_session, sum_over_ranks
-from damformer.runtime.folders import check_writable_folder
 
 
 def check_predict_options(args: argparse.Namespace) -> int:
@@ -29,7 +29,7 @@ def check_predict_options(args: argparse.Namespace) -> int:
             f"--window {args.window}: expected a multiple of 32 (the encoder's deepest stride), e.g. "
             f"{max(32, args.window // 32 * 32)} or {max(32, -(-args.window // 32) * 32)}"
         )
-    stride = args.stride or max(1, args.window * 3 // 4)
+    stride = args.stride if args.stride is not None else max(1, args.window * 3 // 4)
     if not 1 <= stride <= args.window:
         raise OptionError(f"--stride {stride}: expected 1..--window ({args.window})")
     if args.s2 and not args.s2_dates:

@@ -26,4 +26,9 @@ def ui_command(args: argparse.Namespace) -> int:
     """The MLflow UI of a runs folder's store, until Ctrl-C."""
     from damformer.tracking.ui import serve
 
+    if not 1 <= args.port <= 65535:
+        raise OptionError(
+            f"--port {args.port}: expected 1..65535 (0, 'any free port', would leave this command unable to "
+            "print the address it serves), e.g. --port 5001"
+        )
     return serve(args.paths or [Path("runs/demo")], host=args.host, port=args.port)
