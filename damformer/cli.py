@@ -82,6 +82,12 @@ def _add_study_parser(commands: argparse._SubParsersAction) -> None:
     study.add_argument(
         "--tracking-uri", metavar="URI", help="MLflow store or server (default: OUTPUT/mlflow.db)"
     )
+    study.add_argument(
+        "--retrain-changed",
+        action="store_true",
+        help="train again the runs whose config changed since they were trained (their folders are moved "
+        "aside); without it such a study stops and names them",
+    )
     mode = study.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print the training commands, run nothing")
     mode.add_argument("--collect", action="store_true", help="only write the tables and figure")

@@ -15,6 +15,7 @@ accumulation. Metrics stay on the device and are read once per log interval.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -46,6 +47,7 @@ from damformer.runtime.artifacts import (
     load_checkpoint,
     resume_point,
     rng_state,
+    run_folder_lock,
     save_checkpoint,
     set_rng_state,
 )
@@ -106,6 +108,14 @@ class Trainer:
         sets = open_shard_sets(config)
         self.source_set, self.target_set = sets["source"], sets["target"]
         self.test_set, self.val_set = sets["target_test"], sets["target_val"]
+        for role in ("source", "target"):
+            samples = sets[role].num_samples if sets[role] is not None else self.batch.global_batch
+            if self.batch.global_batch > samples:
+                log.warning(
+                    "data.global_batch %d is larger than the %d samples of data.%s: each step takes some of "
+                    "them twice (more than an epoch per step); lower data.global_batch",
+                    self.batch.global_batch, samples, role,
+                )  # fmt: skip
         torch.manual_seed(config.run.seed)  # the same initial weights on every rank
         model = build_model(config.model)
         if config.dist.sync_bn and self.dist.enabled:
@@ -316,8 +326,9 @@ class Trainer:
         checkpoint (a missing one is an error); ``"auto"`` continues when a checkpoint exists and starts
         fresh otherwise (job scripts whose first attempt and requeues run the same command).
         """
+        lock = run_folder_lock(self.output_dir) if self.dist.is_main else contextlib.nullcontext()
         try:
-            with StopRequest(self.dist) as stop:
+            with lock, StopRequest(self.dist) as stop:  # one training per run folder
                 result = self._run(resume=resume, stop_after=stop_after, stop=stop)
         except BaseException:
             self.tracker.finish("FAILED")

@@ -10,6 +10,7 @@ from damformer.eval.evaluate import evaluate
 from damformer.runtime.artifacts import load_model
 from damformer.runtime.cpu_memory import retain_freed_memory
 from damformer.runtime.device import resolve_device
+from damformer.runtime.shard_fit import check_shard_sets
 from damformer.shards.shardset import ShardSet
 
 
@@ -30,6 +31,9 @@ def evaluate_command(args: argparse.Namespace) -> int:
             f"--shards {', '.join(unlabelled)}: sharded without labels (--no-labels): evaluation needs a "
             "labelled set, e.g. the target's test split"
         )
+    # the checks training makes (classes, bands, patch size, Sentinel-2 footprint and crop): a model scored
+    # on shards it could not have trained on gives numbers, not an answer
+    check_shard_sets(model_config, [("--shards", shard_set, args.shards, True)])
     device = resolve_device(args.device)
     retain_freed_memory(device)
     model.to(device)

@@ -26,9 +26,15 @@ What protects it:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import logging
+import os
+import socket
+import time
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +52,7 @@ CONFIG_NAME = "config.yaml"
 HISTORY_NAME = "history.json"
 SCORES_NAME = "scores.json"
 FAILURE_NAME = "failure.json"  # why a run stopped for good (a diverged training), until it is rerun
+LOCK_NAME = ".lock"  # held by the training that writes the folder (hidden; its text names the holder)
 DEEPSPEED_RECORD = "deepspeed"  # the checkpoint's key naming DeepSpeed's per-rank shards
 # Where the networks' weights are in a checkpoint's "uda" state (damformer.uda.dacs.SelfTraining).
 STUDENT_PREFIX, TEACHER_PREFIX = "student.", "teacher.model."
@@ -84,8 +91,45 @@ class RunFolder:
         return self.path / SCORES_NAME
 
 
+class RunFolderBusyError(DamformerError):
+    """Another training writes this run folder."""
+
+
 class CheckpointError(DamformerError):
     """A checkpoint is unreadable, of another format, or made for another model or run."""
+
+
+@contextlib.contextmanager
+def run_folder_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder``'s lock while a training writes it: a second training into it is refused.
+
+    An exclusive ``flock`` on ``FOLDER/.lock``, released by the kernel when the holder exits, even killed:
+    a crashed run never leaves a stale lock. The file's text names the holder (PID, host, start).
+
+    Raises:
+        RunFolderBusyError: naming the holder.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = (folder / LOCK_NAME).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunFolderBusyError(
+            f"{folder}: a training writes this folder ({holder}); wait for it to end or stop it, or train "
+            "into another run.output_dir"
+        ) from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        handle.write(f"PID {os.getpid()} on {socket.gethostname()}, since {started}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -25,7 +25,7 @@ from damformer.errors import EXIT_STOPPED
 from damformer.study.results import collect_rows, markdown, write_tables
 from damformer.study.runner import dry_run_lines, run_local, write_task_file
 from damformer.study.spec import Study, StudyRun, load_study
-from damformer.study.state import FAILED, FINISHED, StudyState, status
+from damformer.study.state import FAILED, FINISHED, StudyState, refuse_changed, status
 from damformer.tracking.mlflow_tracker import Tracker
 
 log = logging.getLogger(__name__)
@@ -88,8 +88,12 @@ def pending_runs(study: Study, state: StudyState) -> list[StudyRun]:
     return [run for run in study.runs if status(study, run, state) != FINISHED]
 
 
-def plan(study: Study, *, uri_override: str | None, dry_run: bool) -> list[str] | Path:
+def plan(
+    study: Study, *, uri_override: str | None, dry_run: bool, retrain_changed: bool = False
+) -> list[str] | Path:
     """Without training: the shell lines (``dry_run``) or a Slurm task file for the unfinished runs."""
+    if not dry_run:
+        refuse_changed(study, retrain=retrain_changed)
     state = StudyState(study)  # read only here: it writes when a parent run or an attempt is recorded
     uri = tracking_uri(study, uri_override)
     runs = pending_runs(study, state)
@@ -99,8 +103,9 @@ def plan(study: Study, *, uri_override: str | None, dry_run: bool) -> list[str] 
     return write_task_file(study, runs, parent_run_id=tracker.run_id, tracking_uri=uri)
 
 
-def run(study: Study, *, jobs: int, uri_override: str | None) -> StudyReport:
+def run(study: Study, *, jobs: int, uri_override: str | None, retrain_changed: bool = False) -> StudyReport:
     """Train every unfinished run here (``jobs`` at a time), then collect."""
+    refuse_changed(study, retrain=retrain_changed)
     state = StudyState(study)
     uri = tracking_uri(study, uri_override)
     tracker = parent_tracker(study, state, uri)
@@ -145,7 +150,9 @@ def study_command(args: argparse.Namespace) -> int:
     """``damformer study``: plan (``--dry-run``, ``--slurm-tasks``), collect, or run, then the table."""
     study = load_study(args.study, overrides=args.set, output_dir=args.output_dir)
     if args.dry_run or args.slurm_tasks:
-        planned = plan(study, uri_override=args.tracking_uri, dry_run=args.dry_run)
+        planned = plan(
+            study, uri_override=args.tracking_uri, dry_run=args.dry_run, retrain_changed=args.retrain_changed
+        )
         if isinstance(planned, Path):  # slurm/study.sh reads "COUNT PATH" from this line
             count = len(json.loads(planned.read_text())["tasks"])
             print(f"{count} {planned}")
@@ -155,7 +162,9 @@ def study_command(args: argparse.Namespace) -> int:
     if args.collect:
         report = collect(study, uri_override=args.tracking_uri)
     else:
-        report = run(study, jobs=args.jobs, uri_override=args.tracking_uri)
+        report = run(
+            study, jobs=args.jobs, uri_override=args.tracking_uri, retrain_changed=args.retrain_changed
+        )
     print(report.table)
     print(f"written: {', '.join(str(path) for path in report.written)}")
     if report.stopped:

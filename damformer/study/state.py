@@ -2,8 +2,11 @@
 
 A run is *finished* when its ``scores.json`` records the last iteration of its schedule (it is written
 after the final evaluation), *interrupted* when it has a checkpoint but is not finished, *pending*
-otherwise. ``OUTPUT/study.json`` adds what a folder cannot say: the MLflow parent run, and how the last
-local attempt of each run ended (a failed run is retried on the next invocation, from its checkpoint).
+otherwise, and *changed* when the config it was trained with (its ``config.yaml``) differs from what
+the study resolves for it now in a key that ``train --resume`` would refuse: its scores belong to
+another experiment. ``OUTPUT/study.json`` adds what a folder cannot say: the MLflow parent run, and
+how the last local attempt of each run ended (a failed run is retried on the next invocation, from its
+checkpoint).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from damformer.study.spec import Study, StudyRun
 
 STATE_FILE = "study.json"
 FINISHED, INTERRUPTED, PENDING, FAILED = "finished", "interrupted", "pending", "failed"
+CHANGED = "changed"
 
 
 def read_scores(run: StudyRun) -> dict[str, Any] | None:
@@ -30,8 +34,27 @@ def read_scores(run: StudyRun) -> dict[str, Any] | None:
         return None
 
 
+def changed_keys(study: Study, run: StudyRun) -> list[tuple[str, Any, Any]]:
+    """(key, trained with, resolved now) of every key the run's folder disagrees on (none: no folder yet)."""
+    import yaml
+
+    from damformer.config import RESUMABLE, config_changes
+
+    saved_path = RunFolder(run.output_dir).config
+    if not saved_path.is_file():
+        return []
+    try:
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []  # unreadable: the training refuses it with its own message when resumed
+    current = study.resolved_config(run).to_dict()
+    return [change for change in config_changes(saved, current) if not change[0].startswith(RESUMABLE)]
+
+
 def folder_status(study: Study, run: StudyRun) -> str:
-    """finished, interrupted or pending, from the run's folder alone."""
+    """finished, interrupted, pending or changed, from the run's folder alone."""
+    if changed_keys(study, run):
+        return CHANGED
     scores = read_scores(run)
     if scores is not None and scores.get("iteration", -1) >= study.resolved_config(run).optim.max_iters:
         return FINISHED
@@ -82,3 +105,33 @@ def status(study: Study, run: StudyRun, state: StudyState) -> str:
     if found != FINISHED and state.attempt(run).get("status") == FAILED:
         return FAILED
     return found
+
+
+def refuse_changed(study: Study, *, retrain: bool) -> None:
+    """Stop a study whose trained runs no longer match it, naming them and their keys, unless ``retrain``.
+
+    With ``retrain`` each changed run's folder is moved aside (``seed-S.changed-YYYYmmdd-HHMMSS``, nothing
+    is deleted) and the run trains again from scratch.
+
+    Raises:
+        StudyError: the changed runs, each with its differing keys, and the way out.
+    """
+    from damformer.study.spec import StudyError
+
+    changed = {run: keys for run in study.runs if (keys := changed_keys(study, run))}
+    if not changed:
+        return
+    if not retrain:
+        described = "; ".join(
+            f"{run.key} ({', '.join(f'{k}: {old!r} then, {new!r} now' for k, old, new in keys[:4])})"
+            for run, keys in changed.items()
+        )
+        raise StudyError(
+            f"{study.path}: {len(changed)} run(s) were trained with another config than the study gives them "
+            f"now: {described}. Restore the study file (and its configs), or pass --retrain-changed to train "
+            "them again (their folders are moved aside, not deleted)"
+        )
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for run in changed:
+        aside = run.output_dir.with_name(f"{run.output_dir.name}.changed-{stamp}")
+        run.output_dir.rename(aside)
