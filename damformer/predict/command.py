@@ -7,6 +7,7 @@ are split across the ranks.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from damformer.atomic import check_writable_folder
 from damformer.data.classes import FLAIR_CLASSES
@@ -37,6 +38,13 @@ def check_predict_options(args: argparse.Namespace) -> int:
     missing = [str(path) for path in args.src if not path.exists()]
     if missing:
         raise OptionError(f"--src: not found: {', '.join(missing)}")
+    named: dict[str, Path] = {}
+    for path in args.src:  # maps are named after their input: two inputs of one name would overwrite
+        if path.is_file() and (first := named.setdefault(path.stem, path)) != path:
+            raise OptionError(
+                f"--src {first} and {path} would both be written to {args.out / (path.stem + '.tif')}: "
+                "rename one of them, or predict them into separate --out folders"
+            )
     check_writable_folder(args.out, "--out")
     return stride
 

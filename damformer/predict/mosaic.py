@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import rasterio
+from rasterio.enums import ColorInterp
 from rasterio.windows import Window
 
 from damformer.data.sentinel import NUM_S2_BANDS, S2_PIXEL_M
@@ -52,6 +53,17 @@ def s2_crop_size(model: ModelConfig, aerial_pixels: int, pixel_m: float) -> int:
     """The Sentinel-2 crop (10 m pixels, even) whose centre the model's footprint covers."""
     crop = aerial_pixels * pixel_m / (model.footprint * S2_PIXEL_M)
     size = max(2, round(crop / 2) * 2)
+    smallest = 2 ** len(
+        model.utae_widths
+    )  # U-TAE halves the crop once per level after the first: >= 2 px left
+    if size < smallest:
+        raise PredictInputError(
+            f"{aerial_pixels} px x {pixel_m:g} m patches or windows cover {model.footprint:g} of a "
+            f"{crop:.1f}-pixel Sentinel-2 crop (model.footprint), and this model's U-TAE needs crops of at "
+            f"least {smallest} pixels: predict patches or windows of at least "
+            f"{smallest * model.footprint * S2_PIXEL_M / pixel_m:.0f} px (--window), the size the model was "
+            "trained for"
+        )
     if abs(size - crop) > 0.05 * crop:
         raise PredictInputError(
             f"model.footprint {model.footprint:g} and {aerial_pixels} px x {pixel_m:g} m windows give a "
@@ -164,6 +176,7 @@ class MosaicInput:
     crs: Any
     transform: Any
     has_nodata: bool
+    alpha: int | None = None  # 1-based band whose colour interpretation is alpha (0: transparent, masked)
 
 
 def check_mosaic(path: Path, model: ModelConfig, options: MosaicOptions) -> MosaicInput:
@@ -173,6 +186,7 @@ def check_mosaic(path: Path, model: ModelConfig, options: MosaicOptions) -> Mosa
             count, crs, dtypes = dataset.count, dataset.crs, set(dataset.dtypes)
             height, width, transform = dataset.height, dataset.width, dataset.transform
             flags = {flag for band in dataset.mask_flag_enums for flag in band}
+            alpha = [i + 1 for i, kind in enumerate(dataset.colorinterp) if kind == ColorInterp.alpha]
             for row in {0, max(0, height - 16)}:  # a truncated file fails here, before any compute
                 dataset.read(window=Window(0, row, width, min(16, height)))
     except rasterio.errors.RasterioError as exc:
@@ -186,7 +200,8 @@ def check_mosaic(path: Path, model: ModelConfig, options: MosaicOptions) -> Mosa
         )
     if crs is None:
         raise PredictInputError(f"{path}: no CRS; the maps would not be georeferenced")
-    has_nodata = bool(flags - {rasterio.enums.MaskFlags.all_valid})
+    has_nodata = bool(flags - {rasterio.enums.MaskFlags.all_valid}) or bool(alpha)
+    _check_window(path, options, height, width)
     stack = options.stack
     if model.temporal and stack is None:
         raise PredictInputError(
@@ -201,7 +216,37 @@ def check_mosaic(path: Path, model: ModelConfig, options: MosaicOptions) -> Mosa
         crop = s2_crop_size(model, options.window, abs(transform.a))
         needed = _crops_region(transform, height, width, options.window, crop * S2_PIXEL_M)
         _check_cover(path, needed, stack, options.allow_partial_s2)
-    return MosaicInput(path, bands, height, width, crs, transform, has_nodata)
+    return MosaicInput(path, bands, height, width, crs, transform, has_nodata, alpha[0] if alpha else None)
+
+
+def _check_window(path: Path, options: MosaicOptions, height: int, width: int) -> None:
+    """A window no larger than the raster needs, and a batch of windows that fits in memory."""
+    side = -(-max(height, width) // 32) * 32
+    if options.window > side:
+        raise PredictInputError(
+            f"--window {options.window}: larger than {path} needs ({width} x {height} px: a window of {side} "
+            "covers it whole); use --window " + str(min(side, 512))
+        )
+    # float32 inputs and logits, activations about twice as much again: a floor, not an estimate
+    needed = options.batch_size * options.window**2 * 4 * (5 + 13) * 3
+    available = _available_memory()
+    if available is not None and needed > available:
+        raise PredictInputError(
+            f"--window {options.window} x --batch-size {options.batch_size}: at least "
+            f"{needed / 2**30:.1f} GiB per batch, {available / 2**30:.1f} GiB available; use a smaller "
+            "--window or --batch-size"
+        )
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -329,7 +374,10 @@ def predict_mosaic(
                 rows, cols = block.probabilities.shape[1:]
                 valid = None
                 if mosaic.has_nodata:
-                    valid = source.dataset_mask(window=Window(block.col, block.row, cols, rows)) > 0
+                    here = Window(block.col, block.row, cols, rows)
+                    valid = source.dataset_mask(window=here) > 0
+                    if mosaic.alpha is not None:  # whatever --bands: an alpha band masks the map
+                        valid &= source.read(mosaic.alpha, window=here) > 0
                 writer.write(block.row, block.col, block.probabilities, valid)
     if outputs.quicklook:
         write_quicklook_from(

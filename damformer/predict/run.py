@@ -45,8 +45,11 @@ class Outputs:
     overwrite: bool = False
 
     def paths(self, stem: str) -> list[Path]:
-        """The files written for one input (``stem``: its name, or its FLAIR-2 sub-path)."""
-        paths = [self.folder / f"{stem}.tif"]
+        """The files written for one input (``stem``: its name, or its FLAIR-2 sub-path).
+
+        Sidecars included: none of them is replaced without ``overwrite``.
+        """
+        paths = [self.folder / f"{stem}.tif", self.folder / f"{stem}.qml"]  # .qml: the QGIS style
         if self.probabilities:
             paths.append(self.folder / f"{stem}_proba.tif")
         if self.quicklook:
