@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from damformer.atomic import atomic_write_bytes
@@ -108,6 +109,8 @@ class Trainer:
         sets = open_shard_sets(config)
         self.source_set, self.target_set = sets["source"], sets["target"]
         self.test_set, self.val_set = sets["target_test"], sets["target_val"]
+        stats = [m.get("band_stats", {}).get("s2") for m in self.source_set.manifests]
+        self.s2_mean = list(np.mean([s["mean"] for s in stats], axis=0)) if stats and all(stats) else None
         for role in ("source", "target"):
             samples = sets[role].num_samples if sets[role] is not None else self.batch.global_batch
             if self.batch.global_batch > samples:
@@ -183,6 +186,7 @@ class Trainer:
             "history": self.history,
             "evaluations": self.evaluations,
             "tracking_run_id": self.tracker.run_id or self.tracking_run_id,
+            "s2_mean": self.s2_mean,  # of the source shards: predict checks a stack's scale against it
         }
 
     def load_state_dict(self, state: dict[str, Any], *, where: Path) -> None:

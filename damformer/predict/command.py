@@ -55,6 +55,8 @@ def predict_command(args: argparse.Namespace) -> int:
     model, model_config, state = load_model(args.checkpoint, teacher=args.teacher)
     flair2 = len(args.src) == 1 and args.src[0].is_dir()
     stack = SentinelStack.open(args.s2, args.s2_dates, reference=args.s2_reference) if args.s2 else None
+    if stack is not None:
+        stack.check_scale(state.get("s2_mean"))
     options = MosaicOptions(
         args.window, stride, args.batch_size, stack, bands=args.bands, allow_partial_s2=args.allow_partial_s2
     )

@@ -23,7 +23,7 @@ first date's year, as in training (``--s2-reference`` sets another origin).
 
 from __future__ import annotations
 
-import datetime as dt
+import logging
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -35,18 +35,16 @@ import rasterio
 from rasterio.enums import ColorInterp
 from rasterio.windows import Window
 
-from damformer.data.sentinel import NUM_S2_BANDS, S2_PIXEL_M
-from damformer.errors import DamformerError
+from damformer.data.sentinel import S2_PIXEL_M
 from damformer.models.damformer import BAND_SETS
 from damformer.models.factory import ModelConfig
 from damformer.predict.geotiff import MapWriter, check_writable, write_quicklook_from
 from damformer.predict.sliding import PatchPredictor
+from damformer.predict.stack import PredictInputError, SentinelStack
 from damformer.predict.streaming import SweepOptions, sweep, window_axis
 from damformer.progress import progress_bar
 
-
-class PredictInputError(DamformerError):
-    """An input does not fit the model (bands, CRS, Sentinel-2 stack)."""
+log = logging.getLogger(__name__)
 
 
 def s2_crop_size(model: ModelConfig, aerial_pixels: int, pixel_m: float) -> int:
@@ -73,75 +71,9 @@ def s2_crop_size(model: ModelConfig, aerial_pixels: int, pixel_m: float) -> int:
     return size
 
 
-def _bounds(transform: Any, height: int, width: int) -> tuple[float, float, float, float]:
-    return rasterio.transform.array_bounds(height, width, transform)  # west, south, east, north
-
-
 def _fmt(bounds: Sequence[float]) -> str:
     west, south, east, north = bounds
     return f"x {west:.0f}..{east:.0f}, y {south:.0f}..{north:.0f}"
-
-
-@dataclass
-class SentinelStack:
-    """A Sentinel-2 time series as one GeoTIFF (T x 10 bands, date-major) and its dates."""
-
-    path: Path
-    data: np.ndarray  # (T, 10, H, W) float32
-    day_offsets: np.ndarray  # (T,) days from the reference date (May 15 of the first date's year)
-    crs: Any
-    transform: Any
-
-    @classmethod
-    def open(cls, path: Path, dates_file: Path, *, reference: dt.date | None = None) -> SentinelStack:
-        """Read the stack and its dates file, checking band count, values and pixel size."""
-        try:
-            lines = [line.strip() for line in dates_file.read_text().splitlines() if line.strip()]
-            dates = [dt.date.fromisoformat(line) for line in lines]
-        except (OSError, ValueError) as exc:
-            raise PredictInputError(
-                f"{dates_file}: expected one ISO date (YYYY-MM-DD) per line ({exc})"
-            ) from None
-        try:
-            with rasterio.open(path) as dataset:
-                data, crs, transform = dataset.read().astype(np.float32), dataset.crs, dataset.transform
-        except rasterio.errors.RasterioError as exc:
-            raise PredictInputError(f"{path}: cannot read the Sentinel-2 stack ({exc})") from None
-        if not dates or data.shape[0] != len(dates) * NUM_S2_BANDS:
-            raise PredictInputError(
-                f"{path}: {data.shape[0]} bands, expected {NUM_S2_BANDS} per date x {len(dates)} dates "
-                f"(from {dates_file})"
-            )
-        finite = np.isfinite(data)
-        if not finite.all():
-            band = int(np.argmin(finite.reshape(finite.shape[0], -1).all(axis=1)))
-            raise PredictInputError(
-                f"{path}: {int((~finite).sum())} NaN/inf values, first in band {band + 1} "
-                f"(date {dates[band // NUM_S2_BANDS]}); fill them (e.g. gdal_fillnodata) or leave that date "
-                "out of the stack and its dates file"
-            )
-        if abs(abs(transform.a) - S2_PIXEL_M) > 0.01 * S2_PIXEL_M:
-            raise PredictInputError(f"{path}: pixel size {abs(transform.a):g} m, expected {S2_PIXEL_M:g} m")
-        origin = reference or dt.date(dates[0].year, 5, 15)  # training's convention (flair2-format.md)
-        offsets = np.array([(d - origin).days for d in dates], dtype=np.int64)
-        return cls(path, data.reshape(len(dates), NUM_S2_BANDS, *data.shape[1:]), offsets, crs, transform)
-
-    @property
-    def bounds(self) -> tuple[float, float, float, float]:
-        """(west, south, east, north) in the stack's CRS."""
-        return _bounds(self.transform, *self.data.shape[-2:])
-
-    def crop(self, x: float, y: float, size: int) -> np.ndarray:
-        """(T, 10, size, size) centred on map coordinates (x, y); zeros outside the stack."""
-        col, row = ~self.transform @ (x, y)
-        top, left = round(row) - size // 2, round(col) - size // 2
-        out = np.zeros((*self.data.shape[:2], size, size), dtype=np.float32)
-        height, width = self.data.shape[-2:]
-        r0, c0 = max(top, 0), max(left, 0)
-        r1, c1 = min(top + size, height), min(left + size, width)
-        if r1 > r0 and c1 > c0:
-            out[..., r0 - top : r1 - top, c0 - left : c1 - left] = self.data[..., r0:r1, c0:c1]
-        return out
 
 
 @dataclass(frozen=True)
