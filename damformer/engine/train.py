@@ -110,7 +110,8 @@ class Trainer:
         self.source_set, self.target_set = sets["source"], sets["target"]
         self.test_set, self.val_set = sets["target_test"], sets["target_val"]
         stats = [m.get("band_stats", {}).get("s2") for m in self.source_set.manifests]
-        self.s2_mean = list(np.mean([s["mean"] for s in stats], axis=0)) if stats and all(stats) else None
+        means = np.mean([s["mean"] for s in stats], axis=0) if stats and all(stats) else None
+        self.s2_mean = None if means is None else [float(v) for v in means]  # plain floats: weights-only load
         for role in ("source", "target"):
             samples = sets[role].num_samples if sets[role] is not None else self.batch.global_batch
             if self.batch.global_batch > samples:

@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 # What this writer names a shard: DOMAIN-NNNNN.tar (domain D080_2021 or any folder name without "/"),
 # and its sidecar DOMAIN-NNNNN.tar.json. --overwrite removes only these and what the old manifest lists.
-SHARD_FILE = re.compile(r"^[A-Za-z0-9_]+-\d{5}\.tar(\.json)?$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
 
 
@@ -231,7 +230,9 @@ def write_shards(
                     f"{out}: holds a shard set made with other parameters; "
                     "pass --overwrite or choose another --out"
                 )
-            for old in _files_of_the_set(out):
+            ours = _files_of_the_set(out)
+            _refuse_shadowing(out, jobs, ours)
+            for old in ours:
                 old.unlink()
         (out / MANIFEST_NAME).unlink(missing_ok=True)  # rewritten below, after every shard is checked
     out.mkdir(parents=True, exist_ok=True)
@@ -268,19 +269,28 @@ def write_shards(
 
 
 def _files_of_the_set(out: Path) -> list[Path]:
-    """The shards and sidecars of the set in ``out``: listed in its manifest, or named like a shard.
+    """The shards of the set in ``out`` that its manifest lists, and their sidecars: nothing else.
 
-    Anything else a user keeps in the folder (``backup.tar``, notes) is not ours to delete.
+    Anything else in the folder (``backup-20240.tar``, a shard of a domain the manifest does not list,
+    notes) is not ours to delete, even when named like a shard. An unreadable manifest lists nothing.
     """
     listed: set[str] = set()
-    with contextlib.suppress(ShardFormatError, KeyError, TypeError):  # unreadable: the naming scheme alone
+    with contextlib.suppress(ShardFormatError, KeyError, TypeError):
         listed = {shard["name"] for shard in load_manifest(out)["shards"]}
     names = listed | {f"{name}.json" for name in listed}
-    return sorted(
-        path
-        for path in out.iterdir()
-        if path.is_file() and (path.name in names or SHARD_FILE.match(path.name))
-    )
+    return sorted(path for path in out.iterdir() if path.is_file() and path.name in names)
+
+
+def _refuse_shadowing(out: Path, jobs: list[ShardJob], ours: list[Path]) -> None:
+    """A file the new set would write over, which the old set's manifest does not list, is not replaced."""
+    mine = {path.name for path in ours}
+    for job in jobs:
+        for name in (job.name, f"{job.name}.json"):
+            if (out / name).exists() and name not in mine:
+                raise OutputExistsError(
+                    f"{out / name}: not listed by {out / MANIFEST_NAME}, and the new shard set writes a file "
+                    "of that name: move it out of the folder, or shard into another --out"
+                )
 
 
 def verify_shards(shard_dir: Path | str) -> dict[str, int]:

@@ -467,3 +467,114 @@ def test_a_truncated_geotiff_is_one_line_and_writes_nothing(checkpoints, tiny_sh
     err = capsys.readouterr().err
     assert "truncated.tif" in err and len(err.strip().splitlines()) == 1, err
     assert not list((tmp_path / "maps").rglob("*.tif")) if (tmp_path / "maps").exists() else True
+
+
+# -- issue 29: nothing silently wrong, every bad input one line ---------------------------------------
+
+
+def _dates(path: Path, *lines: str) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _stack(path: Path, value: float, dates: int = 2) -> Path:
+    values = np.full((10 * dates, 60, 60), value, dtype=np.float32)
+    return _write(path, values, from_origin(699800.0, 6600200.0, 10.0, 10.0))
+
+
+def test_predict_refuses_inputs_that_would_map_wrongly(checkpoints, tiny_shards, tmp_path, capsys):
+    mosaic, patches = _mosaic(tiny_shards, tmp_path)
+    aerial = ["predict", "--checkpoint", str(checkpoints["aerial"]), "--window", "64"]
+    # two inputs of one name would write one map
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    twins = [patches[0].rename(tmp_path / "a" / "tile.tif"), patches[1].rename(tmp_path / "b" / "tile.tif")]
+    assert main([*aerial, "--src", *map(str, twins), "--out", str(tmp_path / "twins")]) == 2
+    assert "would both be written to" in capsys.readouterr().err
+    # a stride of 0 is not "the default", and a window larger than the raster needs is refused
+    assert main([*aerial, "--src", str(mosaic), "--out", str(tmp_path / "s"), "--stride", "0"]) == 2
+    assert "--stride 0: expected 1..--window (64)" in capsys.readouterr().err
+    wide = ["predict", "--checkpoint", str(checkpoints["aerial"]), "--window", "65536", "--src", str(mosaic)]
+    assert main([*wide, "--out", str(tmp_path / "w")]) == 2
+    assert "--window 65536: larger than" in capsys.readouterr().err
+    # Sentinel-2: dates that do not increase, and reflectance in 0..1 instead of x 10000
+    temporal = [
+        "predict",
+        "--checkpoint",
+        str(checkpoints["temporal"]),
+        "--window",
+        "64",
+        "--src",
+        str(mosaic),
+    ]
+    good = _stack(tmp_path / "s2.tif", 1200)
+    for lines in (("2021-06-15", "2021-03-15"), ("2021-03-15", "2021-03-15")):
+        dates = _dates(tmp_path / "dates.txt", *lines)
+        assert (
+            main([*temporal, "--out", str(tmp_path / "d"), "--s2", str(good), "--s2-dates", str(dates)]) == 2
+        )
+        assert f"line 2: {lines[1]} is not after {lines[0]}" in capsys.readouterr().err
+    dates = _dates(tmp_path / "dates.txt", "2021-03-15", "2021-06-15")
+    unit = _stack(tmp_path / "s2_unit.tif", 0.12)
+    assert main([*temporal, "--out", str(tmp_path / "u"), "--s2", str(unit), "--s2-dates", str(dates)]) == 2
+    assert "the model reads L2A reflectance x 10000" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("twins", "s", "w", "d", "u"))
+
+
+def test_every_file_predict_writes_obeys_overwrite(checkpoints, tiny_shards, tmp_path, capsys):
+    mosaic, _ = _mosaic(tiny_shards, tmp_path)
+    args = ["predict", "--checkpoint", str(checkpoints["aerial"]), "--window", "64", "--src", str(mosaic)]
+    out = tmp_path / "maps"
+    assert main([*args, "--out", str(out)]) == 0
+    style = out / "mosaic.qml"
+    style.write_text("my own QGIS style")  # a user's edit of the sidecar
+    (out / "mosaic.tif").unlink()
+    assert main([*args, "--out", str(out)]) == 2
+    assert "mosaic.qml" in capsys.readouterr().err
+    assert style.read_text() == "my own QGIS style"
+
+
+def test_an_alpha_band_masks_the_map_whatever_bands_are_chosen(checkpoints, tiny_shards, tmp_path):
+    from rasterio.enums import ColorInterp
+
+    mosaic, _ = _mosaic(tiny_shards, tmp_path)
+    with rasterio.open(mosaic) as source:
+        bands, transform = source.read(), source.transform
+    alpha = np.full((1, *bands.shape[1:]), 255, dtype=np.uint8)
+    alpha[0, :, :40] = 0  # the left 40 columns are transparent
+    path = _write(tmp_path / "six.tif", np.concatenate([bands, alpha]), transform)
+    with rasterio.open(path, "r+") as dataset:  # GDAL keeps a 6th alpha band out of the dataset mask
+        dataset.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.undefined,
+                               ColorInterp.undefined, ColorInterp.alpha]  # fmt: skip
+    args = ["predict", "--checkpoint", str(checkpoints["aerial"]), "--window", "64", "--bands", "1,2,3,4,5"]
+    assert main([*args, "--src", str(path), "--out", str(tmp_path / "maps")]) == 0
+    with rasterio.open(tmp_path / "maps" / "six.tif") as pred:
+        values = pred.read(1)
+    assert (values[:, :40] == 255).all() and (values[:, 40:] <= 12).all()  # 255: nodata
+
+
+def test_stack_dates_start_where_training_puts_them(tmp_path, caplog):
+    from damformer.predict.stack import SentinelStack
+
+    dates = _dates(tmp_path / "dates.txt", "2020-12-15", "2021-02-15", "2021-06-15")
+    stack = SentinelStack.open(_stack(tmp_path / "s2.tif", 1200, dates=3), dates)
+    # May 15 of 2021, the year two of the three dates fall in (not 2020, the first date's year)
+    assert list(stack.day_offsets) == [-151, -89, 31]
+    assert "Sentinel-2 day offsets from 2021-05-15: May 15 of 2021, the year 2 of the 3 dates fall in" in (
+        caplog.text
+    )
+
+
+def test_a_temporal_model_on_patches_too_small_for_its_crop_is_refused(
+    checkpoints, tiny_shards, tmp_path, capsys
+):
+    from damformer.runtime.artifacts import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(checkpoints["temporal"])
+    state.pop("format")
+    state["config"]["model"]["footprint"] = 0.16  # trained on 128 px patches in 16-pixel crops
+    save_checkpoint(tmp_path / "wide.pt", state)
+    args = ["predict", "--checkpoint", str(tmp_path / "wide.pt"), "--src", str(_root(tiny_shards))]
+    assert main([*args, "--out", str(tmp_path / "maps"), "--domains", "north"]) == 2
+    err = capsys.readouterr().err
+    assert "64 px x 0.2 m patches or windows cover 0.16 of a 8.0-pixel Sentinel-2 crop" in err, err
+    assert "needs crops of at least 16 pixels" in err and not (tmp_path / "maps").exists()

@@ -5,6 +5,7 @@ Each of these lost work (or silently restarted it) before issue 21; each test fa
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import pytest
 from damformer.config import load_config
 from damformer.engine.stop import StopRequest
 from damformer.engine.train import Trainer
+from damformer.errors import OutputExistsError
 from damformer.runtime.artifacts import load_checkpoint
 from damformer.runtime.distributed import DistContext
 from damformer.shards.writer import write_shards
@@ -125,6 +127,8 @@ def test_shard_overwrite_removes_only_the_files_of_the_set(tiny_root, tmp_path):
     write_shards(Flair2Dataset(tiny_root, domains=["south"]), out)
     mine = sorted(p.name for p in out.iterdir())
     keep = {"backup.tar": b"k\n", "notes.tar.json": b"{}", "D999_2020-00000.tar.bak": b"x"}
+    # named like shards, but not listed by the manifest: a user's files, or another domain's shard
+    keep |= {"backup-20240.tar": b"b", "my_photos-00001.tar": b"p", "D099_2020-00000.tar": b"d"}
     for name, data in keep.items():
         (out / name).write_bytes(data)
     other = Flair2Dataset(tiny_root, domains=["south"], with_s2=False)  # other parameters
@@ -132,6 +136,14 @@ def test_shard_overwrite_removes_only_the_files_of_the_set(tiny_root, tmp_path):
     for name, data in keep.items():
         assert (out / name).read_bytes() == data, name
     assert all((out / name).exists() for name in mine)  # rewritten under the same scheme
+    # a file the new set would write over, which the previous manifest does not list: named, kept
+    manifest = json.loads((out / "manifest.json").read_text())
+    dropped = manifest["shards"].pop(0)["name"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / dropped).write_bytes(b"not a shard of this set")
+    with pytest.raises(OutputExistsError, match=f"{dropped}: not listed by .*manifest.json"):
+        write_shards(Flair2Dataset(tiny_root, domains=["south"]), out, overwrite=True)
+    assert (out / dropped).read_bytes() == b"not a shard of this set"
 
 
 def _flip_a_byte_in_aerial(shard: Path) -> None:
