@@ -151,10 +151,16 @@ def _add_training_parsers(commands: argparse._SubParsersAction) -> None:
         "processes (per-process batch, accumulation), or why it cannot; build and train nothing",
     )
     train.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (file, overlays, --set) as YAML, headed by how its global batch "
+        "splits over --world-size processes; train nothing",
+    )
+    train.add_argument(
         "--world-size",
         type=int,
         metavar="N",
-        help="processes to plan the batch for, with --dry-run (default: $WORLD_SIZE, else 1)",
+        help="processes to plan the batch for, with --dry-run or --print-config (default: $WORLD_SIZE or 1)",
     )
     train.add_argument(
         "--stop-after",
@@ -180,6 +186,9 @@ def _add_training_parsers(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--batch-size", type=int, default=2, help="samples per forward pass")
     evaluate.add_argument("--teacher", action="store_true", help="evaluate the EMA teacher instead")
     evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    evaluate.add_argument(
+        "--json", action="store_true", help="print the scores as JSON on stdout (for scripts), not the table"
+    )
     evaluate.set_defaults(run=_command("damformer.eval.command", "evaluate_command"))
 
     predict = commands.add_parser(
@@ -279,6 +288,19 @@ def _add_training_parsers(commands: argparse._SubParsersAction) -> None:
     ui.set_defaults(run=_command("damformer.tracking.command", "ui_command"))
 
 
+def _add_common_options(parser: argparse.ArgumentParser, *, default: object) -> None:
+    """-q and --log-level; on a command with SUPPRESS defaults, so they do not reset the global ones."""
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", default=default, help="no progress and no INFO lines"
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        default=None if default is False else default,
+        help="default: INFO, WARNING with -q",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``damformer`` command (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(
@@ -289,15 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'damformer COMMAND --help' for the options and an example of each command.",
     )
     parser.add_argument("--version", action="version", version=f"damformer {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress and no INFO lines")
-    parser.add_argument(
-        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: INFO, WARNING with -q"
-    )
+    _add_common_options(parser, default=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     add_data_parsers(commands, formatter=_Formatter, command=_command)
     _add_training_parsers(commands)
     _add_study_parser(commands)
+    for subparser in commands.choices.values():  # also after the command: damformer compare -q
+        _add_common_options(subparser, default=argparse.SUPPRESS)
     return parser
 
 

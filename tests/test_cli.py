@@ -81,3 +81,23 @@ def test_synth_rejects_bad_options(tmp_path, args, message):
     result = _run("synth", "--out", str(tmp_path / "x"), *args, check=False)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_quiet_and_log_level_are_accepted_before_and_after_the_command():
+    cell = "configs/ablation/damformer-rgbne-t.yaml"
+    for args in (("-q", "train", cell, "--dry-run"), ("train", cell, "--dry-run", "-q"),
+                 ("train", cell, "--dry-run", "--log-level", "ERROR")):  # fmt: skip
+        assert "model: DAM-Former RGB+NIR+E+T" in _run(*args).stdout
+
+
+def test_print_config_is_the_resolved_yaml_headed_by_the_batch_plan():
+    import yaml
+
+    printed = _run("train", "configs/ablation/damformer-rgbne-t.yaml", "--print-config", "--world-size", "2",
+                   "--set", "optim.lr=0.001").stdout  # fmt: skip
+    head, _, body = printed.partition("\n")
+    assert head.startswith("# DAM-Former RGB+NIR+E+T; on 2 process(es): global batch 2 source + 2 target")
+    assert "= 1 per process x 2 process(es)" in head
+    config = yaml.safe_load(body)
+    assert config["optim"]["lr"] == 0.001 and config["model"]["fusion_levels"] == [-1]
+    assert config["data"]["global_batch"] == 2

@@ -8,9 +8,11 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import yaml
+
 from damformer.atomic import check_writable_folder
 from damformer.config import RunConfig, load_config
-from damformer.config.batch import plan_batch
+from damformer.config.batch import BatchPlan, plan_batch
 from damformer.errors import EXIT_STOPPED, OptionError
 from damformer.runtime.device import resolve_device
 from damformer.runtime.distributed import distributed_session
@@ -26,16 +28,19 @@ def train_command(args: argparse.Namespace) -> int:
 
     if args.stop_after is not None and args.stop_after < 1:
         raise OptionError(f"--stop-after {args.stop_after}: expected an iteration >= 1")
-    config = load_config(args.config, args.set, overlays=args.overlays, check_files=not args.dry_run)
+    planning = args.dry_run or args.print_config
+    config = load_config(args.config, args.set, overlays=args.overlays, check_files=not planning)
     if args.output_dir is not None:
         config.run.output_dir = str(args.output_dir)
-    if not args.dry_run:
+    if not planning:
         option = "--output-dir" if args.output_dir else "run.output_dir"
         check_writable_folder(Path(config.run.output_dir), option)
     if args.tracking_uri is not None:
         config.log.tracking_uri = args.tracking_uri
     if config.log.experiment is None:  # one MLflow experiment per config family (its folder)
         config.log.experiment = experiment_family(args.config)
+    if args.print_config:
+        return print_config(config, args.world_size)
     if args.dry_run:
         return dry_run(config, args.world_size)
     with distributed_session(resolve_device(config.run.device)) as dist:
@@ -71,8 +76,7 @@ def _say_outcome(config: RunConfig, result: TrainResult) -> None:
         print(f"target test mIoU {100 * result.scores.miou:.2f}  accuracy {100 * result.scores.accuracy:.2f}")
 
 
-def dry_run(config: RunConfig, world_size: int | None) -> int:
-    """What the config trains and how its batch splits over ``world_size`` processes, building nothing."""
+def _plan(config: RunConfig, world_size: int | None) -> tuple[int, BatchPlan]:
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world_size < 1:
@@ -81,6 +85,20 @@ def dry_run(config: RunConfig, world_size: int | None) -> int:
         global_batch=config.data.global_batch, batch_size=config.data.batch_size,
         grad_accum=config.optim.grad_accum, world_size=world_size,
     )  # fmt: skip
+    return world_size, plan
+
+
+def print_config(config: RunConfig, world_size: int | None) -> int:
+    """The resolved config as YAML (what config.yaml of the run will hold), headed by its batch plan."""
+    world_size, plan = _plan(config, world_size)
+    print(f"# {config.model.name}; on {world_size} process(es): {plan.describe()}")
+    print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def dry_run(config: RunConfig, world_size: int | None) -> int:
+    """What the config trains and how its batch splits over ``world_size`` processes, building nothing."""
+    world_size, plan = _plan(config, world_size)
     model, uda = config.model, config.uda
     training = "source only"
     if uda.enabled:

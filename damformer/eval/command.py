@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
 
 from damformer.data.classes import FLAIR_CLASSES
 from damformer.errors import OptionError
@@ -41,6 +43,27 @@ def evaluate_command(args: argparse.Namespace) -> int:
         model, shard_set, num_classes=model_config.num_classes, batch_size=args.batch_size, device=device
     )
     names = [c.name for c in FLAIR_CLASSES][: model_config.num_classes]
+    if args.json:  # one JSON document, nothing else on stdout: for scripts
+        record = {
+            "checkpoint": str(args.checkpoint),
+            "model": model_config.name,
+            "shards": list(map(str, args.shards)),
+        }
+        scores = _finite_or_null(result.to_json(iteration=state["iteration"]))
+        scores["iou_by_class"] = dict(zip(names, scores["iou"], strict=False))
+        print(json.dumps(record | scores, allow_nan=False))
+        return 0
     print(f"{model_config.name} at iteration {state['iteration']} on {', '.join(map(str, args.shards))}")
     print(result.table(names))
     return 0
+
+
+def _finite_or_null(value: object) -> object:
+    """NaN (a class neither predicted nor present) as null: strict JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_null(item) for item in value]
+    return value
