@@ -177,6 +177,8 @@ def _validate_ranges(config: RunConfig) -> None:
         if value < bound or (strict and value == bound):
             expected = f"> {bound}" if strict else f">= {bound}"
             raise ConfigError(f"{section}.{key}: expected {expected}, found {value}")
+    if config.log.metric_interval is not None and config.log.metric_interval < 1:
+        raise ConfigError(f"log.metric_interval: expected >= 1 (or null), found {config.log.metric_interval}")
     if config.optim.grad_clip is not None and config.optim.grad_clip <= 0:
         raise ConfigError(
             f"optim.grad_clip: expected > 0 (or null: no clipping), found {config.optim.grad_clip}"

@@ -150,6 +150,9 @@ class LogConfig:
     """Logging, tracking and checkpoint cadence, in iterations (0: only at the end of the run).
 
     Attributes:
+        interval: console lines: the mean of every loss and rate over the interval.
+        metric_interval: tracked (MLflow) points, each the mean over its interval; None: about 100 points
+            a run (``optim.max_iters / 100``), a readable curve.
         tracking: log the run to MLflow (rank 0): params, metrics, figures and the final checkpoint.
         tracking_uri: MLflow store or server; None: the store of the run folder's parent folder,
             ``sqlite:///PARENT/mlflow.db`` (artifacts in ``PARENT/mlartifacts``), so runs launched side
@@ -165,6 +168,7 @@ class LogConfig:
     """
 
     interval: int = 50
+    metric_interval: int | None = None
     checkpoint_interval: int = 1000
     tracking: bool = True
     tracking_uri: str | None = None

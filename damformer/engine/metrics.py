@@ -54,3 +54,36 @@ class MetricsQueue:
             entries.append(entry)
         self.pending.clear()
         return entries
+
+
+# Counters whose meaning is "so far": an interval reports their last value, not their mean.
+LAST_VALUE = ("overflow_steps",)
+
+
+def interval_means(entries: list[dict[str, float]]) -> dict[str, float]:
+    """The mean of each metric over ``entries`` (an interval of steps), as mmcv's logger reports them.
+
+    A single step's loss jumps by a factor of two from batch to batch; the interval's mean is the curve.
+    """
+    means: dict[str, float] = {}
+    for key in sorted({k for entry in entries for k in entry if k != "iteration"}):
+        values = [entry[key] for entry in entries if key in entry]
+        means[key] = values[-1] if key in LAST_VALUE else sum(values) / len(values)
+    return means
+
+
+class IntervalCursor:
+    """Where in the history the current interval starts (one for the console, one for the tracker)."""
+
+    def __init__(self, start: int = 0) -> None:
+        self.start = start
+
+    def take(self, history: list[dict[str, float]]) -> list[dict[str, float]]:
+        """The entries since the last call, and start a new interval."""
+        entries, self.start = history[self.start :], len(history)
+        return entries
+
+
+def metric_interval(*, configured: int | None, max_iters: int) -> int:
+    """Iterations per tracked point: ``log.metric_interval``, else about 100 points a run."""
+    return configured or max(1, max_iters // 100)

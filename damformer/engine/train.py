@@ -32,7 +32,7 @@ from damformer.atomic import atomic_write_bytes
 from damformer.config import ConfigError, RunConfig, check_resume, dump_config
 from damformer.config.batch import BatchPlan, keep_global_batch, plan_batch, warn_if_unstated
 from damformer.engine.data import open_shard_sets, training_streams
-from damformer.engine.metrics import MetricsQueue
+from damformer.engine.metrics import IntervalCursor, MetricsQueue, interval_means, metric_interval
 from damformer.engine.optim import lr_factor, set_learning_rate
 from damformer.engine.stop import StopRequest
 from damformer.engine.strategies import build_strategy
@@ -150,6 +150,13 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.metrics = MetricsQueue(self.dist)  # step metrics on the device, read at log intervals
         self.evaluations: list[dict[str, Any]] = []
+
+    @property
+    def metric_interval(self) -> int:
+        """Iterations per tracked point: ``log.metric_interval``, else about 100 points a run."""
+        return metric_interval(
+            configured=self.config.log.metric_interval, max_iters=self.config.optim.max_iters
+        )
 
     @property
     def global_batch(self) -> int:
@@ -389,25 +396,26 @@ class Trainer:
         steps = range(self.iteration, end)
         if self.dist.is_main:  # one progress bar per job, not per rank
             steps = progress(steps, desc="train", unit="it", total=end - self.iteration)
+        console, plot = IntervalCursor(len(self.history)), IntervalCursor(len(self.history))
         saved_at_end = self.iteration > 0  # the checkpoint on disk holds the current state (resumed)
         self.saved_iteration = self.iteration if saved_at_end else None
         for _ in steps:
             self.step()
             done = self.iteration
             logging_now = _due(done, config.log.interval) or done == end
-            if logging_now or self.device.type == "cpu":  # on a CPU reading costs nothing: every step
+            plotting_now = _due(done, self.metric_interval) or done == end
+            if logging_now or plotting_now or self.device.type == "cpu":  # a CPU reads for free: every step
                 self.flush_metrics()  # a diverged loss stops the run here
-            if logging_now:
-                metrics = self.history[-1]
-                rate = (done - first) / max(time.perf_counter() - started, 1e-9)
-                shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "iteration")
+            rate = (done - first) / max(time.perf_counter() - started, 1e-9)
+            if logging_now:  # the console and the tracker show interval means, not a single batch
+                means = interval_means(console.take(self.history))
+                shown = " ".join(f"{k} {v:.4g}" for k, v in means.items())
                 log.info("it %d/%d %s (%.2f it/s)", done, config.optim.max_iters, shown, rate)
+            if plotting_now:
                 system = tracking.system_metrics(
                     samples_per_second=rate * self.global_batch, device=self.device
                 )
-                self.tracker.log_metrics(
-                    {**{k: v for k, v in metrics.items() if k != "iteration"}, **system}, done
-                )
+                self.tracker.log_metrics({**interval_means(plot.take(self.history)), **system}, done)
             if _due(done, config.eval.interval) and done < config.optim.max_iters:
                 self.evaluate()
             saved_at_end = _due(done, config.log.checkpoint_interval) or done == end

@@ -30,12 +30,12 @@ def _domains(selection: list[str] | None, folders: list[str]) -> str:
 
 
 def run_name(config: RunConfig) -> str:
-    """The ablation: model x inputs x source->target, e.g. ``DAM-Former RGB+NIR+E+T south->north``."""
+    """Training first, then model, inputs, source->target: ``UDA: DAM-Former RGB+NIR+E+T south->north``."""
     data = config.data
     source = _domains(data.source_domains, data.source)
     target = _domains(data.target_domains, data.target or data.target_test)
-    mode = "" if config.uda.enabled else " (source only)"
-    return f"{config.model.name} {source}->{target}{mode}"
+    mode = "UDA" if config.uda.enabled else "source only"  # first: MLflow's table cuts long names
+    return f"{mode}: {config.model.name} {source}->{target}"
 
 
 def start_tracking(
@@ -75,11 +75,36 @@ def start_tracking(
         run_id=run_id,
         tags=tags,
     )
-    tracker.log_params(flatten(config.to_dict()))
-    tracker.set_tags(tags)
+    tracker.log_params(active_params(config))
+    tracker.set_tags(tags | {"mlflow.note.content": UNITS})  # the run's description in the UI
     if log_config.system_metrics:
         tracker.start_system_metrics()
     return tracker
+
+
+# Keys that take part only with the temporal branch ("+T"): inactive, so not logged, without it.
+TEMPORAL_KEYS = ("model.utae_widths", "model.fusion_levels", "model.fusion_zero_init", "model.footprint",
+                 "model.s2_bands", "optim.temporal_lr_mult", "uda.lr_weight", "uda.ensemble_lr_weight",
+                 "uda.ensemble")  # fmt: skip
+UNITS = (
+    "Units: mIoU, mIoU without other, IoU/<class>, accuracy and val mIoU are in percent; "
+    "pseudo_confidence is the 0-1 fraction of target pixels above the threshold; every loss and rate is "
+    "the mean over the interval before its step."
+)
+
+
+def active_params(config: RunConfig) -> dict[str, str]:
+    """The run's config as MLflow params, without the keys this run does not use.
+
+    A source-only run logs no ``uda.*`` value but ``uda.enabled``, an aerial-only one no temporal key:
+    otherwise "show diff only" in MLflow lists settings that changed nothing.
+    """
+    params = flatten(config.to_dict())
+    if not config.uda.enabled:
+        params = {k: v for k, v in params.items() if not k.startswith("uda.") or k == "uda.enabled"}
+    if not config.model.temporal:
+        params = {k: v for k, v in params.items() if k not in TEMPORAL_KEYS}
+    return params
 
 
 def system_metrics(*, samples_per_second: float, device: torch.device) -> dict[str, float]:

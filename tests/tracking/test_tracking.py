@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from damformer.config import load_config
+from damformer.engine.metrics import metric_interval
 from damformer.engine.train import Trainer
 from damformer.eval.figures import confusion_png
 from damformer.shards.tario import sha256_file
@@ -92,7 +93,7 @@ def test_a_real_server_receives_params_metrics_and_artifacts(mlflow_server, tiny
     assert len(runs) == 1
     run = runs[0]
     assert run["info"]["status"] == "FINISHED"
-    assert run["info"]["run_name"].startswith("DAM-Former RGB+NIR+E+T south->north")
+    assert run["info"]["run_name"].startswith("UDA: DAM-Former RGB+NIR+E+T south->north")  # training first
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
     assert params["data.batch_size"] == "2" and params["model.arch"] == "damformer"
     assert params["optim.max_iters"] == "2" and params["uda.mic"] == "True"
@@ -147,6 +148,36 @@ def test_local_store_by_default_and_a_resumed_run_continues_its_mlflow_run(tiny_
     for name in ("confusion_matrix.png", "prediction_mosaic.png"):
         with Image.open(tmp_path / "run" / name) as image:
             assert image.format == "PNG" and min(image.size) > 300
+
+
+def test_tracked_losses_are_interval_means_of_the_history(tiny_overrides, tmp_path):
+    """MLflow holds one point per interval, the mean of the steps' losses (as history.json keeps them);
+    a source-only run logs no inactive uda.* value, and the run says what its metrics' units are."""
+    from mlflow.tracking import MlflowClient
+
+    sections = {**QUICK, "optim": {"max_iters": 6}, "log": {**QUICK["log"], "metric_interval": 2}}
+    Trainer(load_config(None, tiny_overrides(tmp_path / "run", **sections))).run()
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("damformer").experiment_id])
+    for key in ("loss_source", "loss_mixed"):
+        points = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        assert [step for step, _ in points] == [2, 4, 6], key
+        for step, value in points:
+            interval = [entry[key] for entry in history if step - 2 <= entry["iteration"] < step]
+            assert len(interval) == 2 and value == pytest.approx(np.mean(interval)), (key, step)
+    assert "percent" in run.data.tags["mlflow.note.content"]
+    source_only = {**sections, "uda": {"enabled": False}}
+    Trainer(load_config(None, tiny_overrides(tmp_path / "source", **source_only))).run()
+    runs = client.search_runs([client.get_experiment_by_name("damformer").experiment_id])
+    params = next(r for r in runs if r.info.run_name.startswith("source only: ")).data.params
+    assert params["uda.enabled"] == "False" and not [
+        k for k in params if k.startswith("uda.") and k != "uda.enabled"
+    ]
+    # the demo's config: about 100 points a run (600 iterations), a readable curve
+    demo = load_config(Path(__file__).parents[2] / "configs" / "demo" / "damformer.yaml", check_files=False)
+    every = metric_interval(configured=demo.log.metric_interval, max_iters=demo.optim.max_iters)
+    assert demo.optim.max_iters // every >= 50
 
 
 def test_experiment_family_and_confusion_png(tmp_path):
