@@ -123,6 +123,12 @@ def load_manifest(shard_dir: Path) -> dict[str, Any]:
     """
     path = Path(shard_dir) / MANIFEST_NAME
     if not path.is_file():
+        if not path.parent.is_dir():  # most often a relative path read from another working folder
+            where = "" if path.is_absolute() else f" (relative to the working folder {Path.cwd()})"
+            raise ShardFormatError(
+                f"{path.parent}: no such shard-set folder: looked for {path.parent.resolve()}{where}; run "
+                "from the folder the config's paths are relative to, or give absolute paths"
+            )
         raise ShardFormatError(
             f"{path}: manifest missing: the shard set is incomplete or not a damformer shard set; "
             "re-run 'damformer shard' (it resumes) to finish it"

@@ -105,7 +105,7 @@ def test_bad_configs_fail_before_any_compute(tiny_overrides, tiny_shards, tmp_pa
         load_config(None, [*tiny_overrides(tmp_path), "optim.lr=fast"])
     with pytest.raises(ConfigError, match="optim: unknown key"):
         load_config(None, [*tiny_overrides(tmp_path), "optim.learning_rate=1"])
-    with pytest.raises(ShardFormatError, match="manifest missing"):
+    with pytest.raises(ShardFormatError, match="nowhere: no such shard-set folder"):
         Trainer(load_config(None, [*tiny_overrides(tmp_path), f'data.source=["{tmp_path / "nowhere"}"]']))
     with pytest.raises(ConfigError, match="holds 13 classes, model.num_classes is 12"):
         Trainer(load_config(None, [*tiny_overrides(tmp_path), "model.num_classes=12"]))

@@ -271,6 +271,16 @@ def test_missing_manifest_is_a_clear_error(tmp_path):
         ShardSet(tmp_path)
 
 
+def test_a_relative_shard_path_from_another_folder_names_both(tmp_path, monkeypatch):
+    """Config paths are relative to the working folder: run elsewhere, the error says where it looked."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ShardFormatError) as refused:
+        ShardSet("runs/demo/shards/south")
+    message = str(refused.value)
+    assert f"looked for {tmp_path / 'runs/demo/shards/south'}" in message
+    assert f"relative to the working folder {tmp_path}" in message and "manifest missing" not in message
+
+
 def test_epoch_stream_resumed_on_another_world_size_sees_each_sample_once(demo_shards):
     from damformer.loading.streams import EpochStream
 

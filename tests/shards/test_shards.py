@@ -424,7 +424,7 @@ def test_cli_errors_are_one_line_with_exit_2(tiny_root, tmp_path):
     assert bad_size.returncode == 2 and "expected a size like 1GB" in bad_size.stderr
     missing = run("shard", "verify", str(tmp_path / "nothing"))
     assert missing.returncode == 2
-    assert "manifest missing" in missing.stderr and "Traceback" not in missing.stderr
+    assert "nothing: no such shard-set folder" in missing.stderr and "Traceback" not in missing.stderr
     assert run("shard", "--src", str(tiny_root), "--out", str(out), "--max-samples", "1").returncode == 0
     tar = next(out.glob("*.tar"))
     data = bytearray(tar.read_bytes())
