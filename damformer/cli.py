@@ -250,6 +250,29 @@ def _add_training_parsers(commands: argparse._SubParsersAction) -> None:
     )
     predict.set_defaults(run=_command("damformer.predict.command", "predict_command"))
 
+    export = commands.add_parser(
+        "export",
+        formatter_class=_Formatter,
+        help="export a trained model for sharing: weights (safetensors), config, model card",
+        description="Write the student (or --teacher) of a checkpoint as model.safetensors, its config, "
+        "class table and input normalisation as model.json, and a model card (README.md: data, domains, "
+        "recipe, iterations, scores with their split, commit); with --torchscript also a traced "
+        "model.torchscript.pt. predict and evaluate take the folder as --checkpoint; in Python: "
+        "damformer.load_model(FOLDER).",
+        epilog="examples:\n"
+        "  damformer export --checkpoint runs/demo/damformer/checkpoint.pt --out exported/damformer\n"
+        "  damformer export --checkpoint CKPT --out DIR --torchscript --trace-size 512",
+    )
+    export.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.pt, or its run folder")
+    export.add_argument("--out", type=Path, required=True, help="the export folder")
+    export.add_argument("--teacher", action="store_true", help="export the EMA teacher instead")
+    export.add_argument("--torchscript", action="store_true", help="also model.torchscript.pt (traced)")
+    export.add_argument(
+        "--trace-size", type=int, default=512, help="aerial side the TorchScript is traced at"
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    export.set_defaults(run=_command("damformer.runtime.export", "export_command"))
+
     compare = commands.add_parser(
         "compare",
         formatter_class=_Formatter,

@@ -57,7 +57,7 @@ from damformer.runtime.device import amp_context, resolve_device
 from damformer.runtime.distributed import DistContext, barrier, gather_objects, sum_over_ranks
 from damformer.shards.shardset import ShardSet
 from damformer.tracking import training as tracking
-from damformer.tracking.mlflow_tracker import Tracker, hostname
+from damformer.tracking.mlflow_tracker import Tracker, git_commit, hostname
 from damformer.uda.dacs import SelfTraining
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,7 @@ class Trainer:
         self.iteration = 0
         self.tracker = Tracker.off()
         self.tracking_run_id: str | None = None  # kept in checkpoints: a resumed run continues it
+        self.git_commit = git_commit()
         self.saved_iteration: int | None = None  # of the checkpoint on disk (a diverged run names it)
         self.history: list[dict[str, float]] = []
         self.metrics = MetricsQueue(self.dist)  # step metrics on the device, read at log intervals
@@ -195,6 +196,7 @@ class Trainer:
             "evaluations": self.evaluations,
             "tracking_run_id": self.tracker.run_id or self.tracking_run_id,
             "s2_mean": self.s2_mean,  # of the source shards: predict checks a stack's scale against it
+            "git_commit": self.git_commit,  # the code that trained it (model cards)
         }
 
     def load_state_dict(self, state: dict[str, Any], *, where: Path) -> None:

@@ -9,9 +9,9 @@ import math
 from damformer.data.classes import FLAIR_CLASSES
 from damformer.errors import OptionError
 from damformer.eval.evaluate import evaluate
-from damformer.runtime.artifacts import load_model
 from damformer.runtime.cpu_memory import retain_freed_memory
 from damformer.runtime.device import resolve_device
+from damformer.runtime.model_files import open_model
 from damformer.runtime.shard_fit import check_shard_sets
 from damformer.shards.shardset import ShardSet
 
@@ -21,7 +21,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise OptionError(f"--batch-size {args.batch_size}: expected >= 1")
     # the checkpoint first: a refused one (not weights, or no damformer checkpoint) is the likelier mistake
-    model, model_config, state = load_model(args.checkpoint, teacher=args.teacher)
+    loaded = open_model(args.checkpoint, teacher=args.teacher)  # a checkpoint, a run folder or an export
+    model, model_config = loaded.model, loaded.config
     shard_set = ShardSet(args.shards, domains=args.domains)
     unlabelled = [
         str(f)
@@ -49,11 +50,11 @@ def evaluate_command(args: argparse.Namespace) -> int:
             "model": model_config.name,
             "shards": list(map(str, args.shards)),
         }
-        scores = _finite_or_null(result.to_json(iteration=state["iteration"]))
+        scores = _finite_or_null(result.to_json(iteration=loaded.iteration))
         scores["iou_by_class"] = dict(zip(names, scores["iou"], strict=False))
         print(json.dumps(record | scores, allow_nan=False))
         return 0
-    print(f"{model_config.name} at iteration {state['iteration']} on {', '.join(map(str, args.shards))}")
+    print(f"{model_config.name} at iteration {loaded.iteration} on {', '.join(map(str, args.shards))}")
     print(result.table(names))
     return 0
 

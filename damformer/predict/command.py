@@ -15,10 +15,10 @@ from damformer.errors import OptionError
 from damformer.predict.mosaic import MosaicOptions, SentinelStack, check_mosaic, predict_mosaics
 from damformer.predict.run import Outputs, predict_flair2
 from damformer.predict.sliding import PatchPredictor
-from damformer.runtime.artifacts import load_model
 from damformer.runtime.cpu_memory import retain_freed_memory
 from damformer.runtime.device import amp_context, resolve_device
 from damformer.runtime.distributed import distributed_session, sum_over_ranks
+from damformer.runtime.model_files import open_model
 
 
 def check_predict_options(args: argparse.Namespace) -> int:
@@ -52,11 +52,12 @@ def check_predict_options(args: argparse.Namespace) -> int:
 def predict_command(args: argparse.Namespace) -> int:
     """Write the maps (and optional probabilities and quicklooks); FLAIR-2 patches are also scored."""
     stride = check_predict_options(args)
-    model, model_config, state = load_model(args.checkpoint, teacher=args.teacher)
+    loaded = open_model(args.checkpoint, teacher=args.teacher)  # a checkpoint, a run folder or an export
+    model, model_config = loaded.model, loaded.config
     flair2 = len(args.src) == 1 and args.src[0].is_dir()
     stack = SentinelStack.open(args.s2, args.s2_dates, reference=args.s2_reference) if args.s2 else None
     if stack is not None:
-        stack.check_scale(state.get("s2_mean"))
+        stack.check_scale(loaded.s2_mean)
     options = MosaicOptions(
         args.window, stride, args.batch_size, stack, bands=args.bands, allow_partial_s2=args.allow_partial_s2
     )
@@ -75,7 +76,7 @@ def predict_command(args: argparse.Namespace) -> int:
                 reduce=lambda matrix: sum_over_ranks(dist, matrix),
             )  # fmt: skip
             if dist.is_main:
-                print(f"{model_config.name} (iteration {state['iteration']}): maps in {args.out}")
+                print(f"{model_config.name} (iteration {loaded.iteration}): maps in {args.out}")
                 if result is not None:
                     print(result.table([c.name for c in FLAIR_CLASSES][: model_config.num_classes]))
         else:

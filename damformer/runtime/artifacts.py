@@ -27,7 +27,6 @@ What protects it:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import logging
 import os
@@ -256,45 +255,3 @@ def resume_point(output_dir: Path, resume: bool | str, *, clean: bool = True) ->
             f"{checkpoint} exists: pass --resume to continue it, or choose another run.output_dir"
         )
     return None
-
-
-def load_model(checkpoint: Path, *, teacher: bool = False) -> tuple[torch.nn.Module, Any, dict]:
-    """The student (or EMA teacher) of a checkpoint, with its model config and the checkpoint state.
-
-    Raises:
-        CheckpointError: unreadable, or of another format.
-        ConfigError: a model of other classes than FLAIR's, no such weights, or weights that do not fit.
-    """
-    from damformer.config import build_section
-    from damformer.data.classes import FLAIR_CLASSES
-    from damformer.models.factory import ModelConfig, build_model
-
-    state = load_checkpoint(checkpoint)
-    model_config = build_section(ModelConfig, state["config"]["model"], "model")
-    if model_config.num_classes != len(FLAIR_CLASSES):
-        raise ConfigError(
-            f"{checkpoint}: a model of {model_config.num_classes} classes; maps, colours and scores here are "
-            f"for the {len(FLAIR_CLASSES)} FLAIR classes"
-        )
-    # The checkpoint holds every weight: the ImageNet file named at training time need not exist here.
-    model = build_model(dataclasses.replace(model_config, pretrained=None))
-    prefix = TEACHER_PREFIX if teacher else STUDENT_PREFIX
-    weights = {k.removeprefix(prefix): v for k, v in state["uda"].items() if k.startswith(prefix)}
-    if not weights:
-        raise ConfigError(f"{checkpoint}: no {'teacher' if teacher else 'student'} weights in it")
-    broken = next(
-        (k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None
-    )
-    if broken is not None:
-        raise CheckpointError(
-            f"{checkpoint}: weight {broken} holds NaN or infinite values (a diverged training): its maps "
-            "and scores would be meaningless; use a checkpoint of a run that did not diverge"
-        )
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[1:2] or [str(exc)[:200]]
-        raise ConfigError(
-            f"{checkpoint}: its weights do not fit its own model config ({first[0].strip()})"
-        ) from None
-    return model, model_config, state

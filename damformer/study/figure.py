@@ -55,9 +55,9 @@ def choose_patch(test_set: ShardSet, requested: str | None) -> str:
 
 @torch.no_grad()
 def _predict(checkpoint: Path, batch: dict) -> np.ndarray:
-    from damformer.runtime.artifacts import load_model
+    from damformer.runtime.model_files import load_model
 
-    model, _, _ = load_model(checkpoint)
+    model = load_model(checkpoint)
     with eval_mode(model):
         return predict_logits(model, batch).argmax(dim=1)[0].numpy()
 

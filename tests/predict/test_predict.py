@@ -14,7 +14,7 @@ from damformer.data.classes import FLAIR_CLASSES
 from damformer.data.flair2 import Flair2Dataset
 from damformer.engine.train import Trainer
 from damformer.eval.evaluate import evaluate
-from damformer.runtime.artifacts import load_model
+from damformer.runtime.model_files import load_model
 from damformer.shards.shardset import ShardSet
 
 pytestmark = pytest.mark.timeout(300)
@@ -66,7 +66,7 @@ def test_flair2_maps_keep_the_geometry_have_a_colour_table_and_score_like_evalua
             assert np.array_equal(mapped, probabilities.max(axis=0))
         assert (stem.parent / f"{stem.name}.png").is_file()
     # the same patches through damformer evaluate (their shards): the same scores
-    model, _, _ = load_model(checkpoints["temporal"])
+    model = load_model(checkpoints["temporal"])
     reference = evaluate(model, ShardSet([tiny_shards["north-test"]]), num_classes=13)
     assert f"{'mIoU (13 classes)':<22}{100 * reference.miou:>8.2f}" in printed, printed
     assert f"{'mIoU (12, no other)':<22}{100 * reference.miou_without_other:>8.2f}" in printed, printed
