@@ -21,18 +21,18 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.damformer-installed
 TORCH_INDEX_ARG := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: install demo test lint bench clean-demo
+.PHONY: install demo test lint bench lock clean-demo
 
 install: $(STAMP)
 
 # torch goes in first and alone: installed afterwards as a dependency, pip could resolve it to a
 # newer release with gigabytes of CUDA wheels (docs: infra.md).
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "damformer needs Python >= 3.11, $(PYTHON) is " + sys.version.split()[0])'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(TORCH_INDEX_ARG)
-	$(BIN)/python -m pip install --quiet -e ".[deepspeed,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[deepspeed,dev,ui]" -c constraints.txt
 	$(BIN)/python -m pip check
 	@touch $@
 
@@ -56,6 +56,16 @@ test: lint
 bench: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m damformer.engine.strategies.deepspeed
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python benchmarks/run_all.py
+
+# Refresh constraints.txt (every dependency pinned, what make demo / make test install against): resolve
+# the newest versions pyproject.toml allows in a fresh virtualenv, and freeze them.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --upgrade pip
+	.lock-venv/bin/python -m pip install --quiet "$(TORCH_SPEC)" $(TORCH_INDEX_ARG)
+	.lock-venv/bin/python -m pip install --quiet ".[deepspeed,dev,ui]"
+	.lock-venv/bin/python -m pip freeze --exclude damformer --exclude torch > constraints.txt
+	rm -rf .lock-venv
 
 clean-demo:
 	rm -rf "$(DEMO_DIR)"

@@ -28,13 +28,34 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(figure: Any, path: Path) -> Path:
+VECTOR_SUFFIXES = (".pdf", ".svg")  # for papers: the same figure, scalable
+
+
+def save_figure(figure: Any, path: Path, *, vector: bool = False, **savefig: Any) -> list[Path]:
+    """Write ``figure`` to ``path`` (atomically) and, with ``vector``, beside it as PDF and SVG; close it."""
+    written = [path, *(path.with_suffix(suffix) for suffix in VECTOR_SUFFIXES if vector)]
     try:
-        with atomic_path(path, keep_suffix=True) as tmp:  # matplotlib picks the format from the suffix
-            figure.savefig(tmp, dpi=110, bbox_inches="tight")
+        for target in written:
+            with atomic_path(target, keep_suffix=True) as tmp:  # matplotlib picks the format from the suffix
+                figure.savefig(tmp, **{"dpi": 110, "bbox_inches": "tight", **savefig})
     finally:
         _pyplot().close(figure)
-    return path
+    return written
+
+
+def _save(figure: Any, path: Path) -> Path:
+    return save_figure(figure, path)[0]
+
+
+def scale_bar(ax: Any, *, pixel_m: float, width_px: int, colour: str = "white") -> None:
+    """A bar of a round length (about a fifth of the image) in its lower left corner, labelled in metres."""
+    target = width_px * pixel_m / 5
+    metres = next(m for m in (1000, 500, 200, 100, 50, 20, 10, 5, 2, 1) if m <= max(target, 1))
+    length = metres / pixel_m
+    x0, y0 = 0.05 * width_px, 0.92 * width_px
+    ax.plot([x0, x0 + length], [y0, y0], color=colour, linewidth=3, solid_capstyle="butt")
+    ax.text(x0 + length / 2, y0 - 0.03 * width_px, f"{metres:g} m", color=colour, ha="center", va="bottom",
+            fontsize=7)  # fmt: skip
 
 
 def colourise(labels: np.ndarray, classes: Sequence[LandCoverClass]) -> np.ndarray:
@@ -47,8 +68,13 @@ def colourise(labels: np.ndarray, classes: Sequence[LandCoverClass]) -> np.ndarr
 
 
 def confusion_png(
-    matrix: np.ndarray, classes: Sequence[LandCoverClass], path: Path, *, title: str = ""
-) -> Path:
+    matrix: np.ndarray,
+    classes: Sequence[LandCoverClass],
+    path: Path,
+    *,
+    title: str = "",
+    vector: bool = False,
+) -> Path | list[Path]:
     """Row-normalised confusion matrix (each row: where that class's pixels went), in percent.
 
     Rows are the true classes, columns the predicted ones; a class with no labelled pixels has an
@@ -80,7 +106,7 @@ def confusion_png(
     axes.set_ylabel("true class (pixels)")
     axes.set_title(title or "confusion matrix, % of each true class", fontsize=10)
     figure.colorbar(image, ax=axes, fraction=0.04, label="% of the row")
-    return _save(figure, path)
+    return save_figure(figure, path, vector=True) if vector else _save(figure, path)
 
 
 def mosaic_png(
@@ -89,6 +115,8 @@ def mosaic_png(
     path: Path,
     *,
     titles: Sequence[str] | None = None,
+    heading: str = "",
+    pixel_m: float | None = None,
 ) -> Path:
     """A grid with one patch per row: aerial RGB | label | prediction, and a class colour legend.
 
@@ -96,7 +124,9 @@ def mosaic_png(
         rows: (RGB (H, W, 3) uint8, label (H, W) or None, prediction (H, W)) per patch.
         classes: the classes (names, colours) of the label values.
         path: the PNG to write.
-        titles: a caption per row (e.g. the patch id); optional.
+        titles: a caption per row (e.g. the patch id and its domain); optional.
+        heading: the figure's title (e.g. the model and its mIoU).
+        pixel_m: the aerial pixel size: a scale bar on every RGB panel.
     """
     plt = _pyplot()
     from matplotlib.patches import Patch
@@ -117,10 +147,15 @@ def mosaic_png(
                 ax.text(0.5, 0.5, "no label", ha="center", va="center", transform=ax.transAxes)
             else:
                 ax.imshow(image, interpolation="nearest")
+                if column == 0 and pixel_m:
+                    scale_bar(ax, pixel_m=pixel_m, width_px=image.shape[1])
             caption = name if titles is None else f"{titles[index]}: {name}"
             ax.set_title(caption, fontsize=8)
+    if heading:
+        figure.suptitle(heading, fontsize=9)
     handles = [Patch(facecolor=np.array(cls.rgb) / 255, edgecolor="grey", label=cls.name) for cls in classes]
     handles.append(Patch(facecolor=np.array(IGNORE_RGB) / 255, edgecolor="grey", label="unlabelled"))
     figure.legend(handles=handles, loc="lower center", ncol=4, fontsize=7, frameon=False)
-    figure.subplots_adjust(bottom=1.0 / height, top=1.0 - 0.25 / height, hspace=0.25, wspace=0.05)
+    top = 1.0 - (0.55 if heading else 0.25) / height
+    figure.subplots_adjust(bottom=1.0 / height, top=top, hspace=0.25, wspace=0.05)
     return _save(figure, path)

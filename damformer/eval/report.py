@@ -18,6 +18,7 @@ import torch
 
 from damformer.atomic import atomic_write_bytes
 from damformer.data.classes import FLAIR_CLASSES
+from damformer.errors import DamformerError
 from damformer.eval.evaluate import eval_mode
 from damformer.eval.figures import confusion_png, mosaic_png
 from damformer.eval.metrics import SegmentationScores
@@ -62,9 +63,14 @@ def write_figures(
     autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
     title: str = "",
 ) -> list[Path]:
-    """The confusion matrix PNG and a mosaic of the first ``patches`` target test patches."""
+    """The confusion matrix (PNG, and PDF/SVG for papers) and a mosaic of the first target test patches.
+
+    ``title``: the run (model, inputs, source->target) and its mIoU, on both figures.
+    """
     classes = FLAIR_CLASSES[: scores.matrix.shape[0]]
-    written = [confusion_png(scores.matrix, classes, output_dir / CONFUSION_PNG, title=title)]
+    written = list(
+        confusion_png(scores.matrix, classes, output_dir / CONFUSION_PNG, title=title, vector=True)
+    )
     if patches < 1:
         return written
     loader = ShardLoader(
@@ -80,6 +86,30 @@ def write_figures(
         (_rgb(batch["aerial"][i]), labels[i].cpu().numpy() if labels is not None else None, prediction[i])
         for i in range(prediction.shape[0])
     ]
-    titles = [str(key) for key in batch["keys"]] if "keys" in batch else None
-    written.append(mosaic_png(rows, classes, output_dir / MOSAIC_PNG, titles=titles))
+    titles = None
+    if "keys" in batch:  # the patch and its domain (FLAIR-2 domains differ: say which one it is)
+        domains = _domains(test_set, list(batch["keys"]))
+        titles = [f"{key} ({domains.get(str(key), '?')})" for key in batch["keys"]]
+    pixel_m = _pixel_size(test_set)
+    written.append(
+        mosaic_png(rows, classes, output_dir / MOSAIC_PNG, titles=titles, heading=title, pixel_m=pixel_m)
+    )
     return written
+
+
+def _domains(test_set: ShardSet, keys: list[str]) -> dict[str, str]:
+    """The domain of each sample key (from the shard set's manifests)."""
+    return {
+        key: info["domain"]
+        for manifest in test_set.manifests
+        for key, info in manifest["samples"].items()
+        if key in set(keys)
+    }
+
+
+def _pixel_size(test_set: ShardSet) -> float | None:
+    """The aerial pixel size in metres (the first sample's geotransform), for scale bars."""
+    try:
+        return abs(float(test_set.first_sample().transform.a))
+    except (DamformerError, OSError):  # a figure without a scale bar rather than none
+        return None

@@ -129,7 +129,11 @@ def collect(
     finished = [row for row in rows if row.runs]
     if finished:  # the target test set of a configuration that trained (another may name a bad one)
         config = study.resolved_config(finished[0].runs[0].run)
-        written.append(write_figure(study, rows, config.data.target_test, config.data.target_domains))
+        figure = write_figure(study, rows, config.data.target_test, config.data.target_domains)
+        written += [
+            figure,
+            *(p for p in (figure.with_suffix(".pdf"), figure.with_suffix(".svg")) if p.is_file()),
+        ]
     for path in written:
         tracker.log_artifact(path)
     tracker.log_metrics(

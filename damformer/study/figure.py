@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from damformer.atomic import atomic_path
 from damformer.data.classes import FLAIR_CLASSES
 from damformer.eval.evaluate import eval_mode
-from damformer.eval.figures import IGNORE_RGB, _pyplot, colourise
+from damformer.eval.figures import IGNORE_RGB, _pyplot, colourise, save_figure, scale_bar
 from damformer.loading.augment import training_sample
 from damformer.loading.collate import collate_samples
 from damformer.models.damformer import predict_logits
@@ -68,7 +67,7 @@ def write_figure(study: Study, rows: list[EntryRow], test_dirs: list[str], domai
     key = choose_patch(test_set, study.figure_patch)
     sample = test_set.sample(key)
     batch = collate_samples([training_sample(sample)])
-    aerial = sample.aerial
+    aerial, pixel_m = sample.aerial, abs(float(sample.transform.a))
     panels: list[tuple[str, np.ndarray | None, str | None]] = [
         ("ground truth", colourise(sample.label, FLAIR_CLASSES), None),
         ("RGB", np.ascontiguousarray(aerial[:3].transpose(1, 2, 0)), None),
@@ -82,11 +81,15 @@ def write_figure(study: Study, rows: list[EntryRow], test_dirs: list[str], domai
             continue
         first = min(row.runs, key=lambda score: score.run.seed)
         prediction = _predict(RunFolder(first.run.output_dir).checkpoint, batch)
-        panels.append((f"{title}\n{row.name}", colourise(prediction, FLAIR_CLASSES), None))
-    return _draw(panels, study.output_dir / FIGURE_PNG, title=f"{study.name}: target test patch {key}")
+        caption = f"{title}\n{row.name}, mIoU {100 * first.miou:.1f} (seed {first.run.seed})"
+        panels.append((caption, colourise(prediction, FLAIR_CLASSES), None))
+    title = f"{study.name}: target test patch {key}; mIoU over the whole test split"
+    return _draw(panels, study.output_dir / FIGURE_PNG, title=title, pixel_m=pixel_m)
 
 
-def _draw(panels: list[tuple[str, np.ndarray | None, str | None]], path: Path, *, title: str) -> Path:
+def _draw(
+    panels: list[tuple[str, np.ndarray | None, str | None]], path: Path, *, title: str, pixel_m: float
+) -> Path:
     plt = _pyplot()
     from matplotlib.patches import Patch
 
@@ -104,7 +107,13 @@ def _draw(panels: list[tuple[str, np.ndarray | None, str | None]], path: Path, *
         if image is None:
             ax.text(0.5, 0.5, "no checkpoint", ha="center", va="center", transform=ax.transAxes, fontsize=8)
         else:
-            ax.imshow(image, cmap=cmap, interpolation="nearest")
+            shown = ax.imshow(image, cmap=cmap, interpolation="nearest")
+            if name == "RGB":
+                scale_bar(ax, pixel_m=pixel_m, width_px=image.shape[1])
+            if name == "elevation":  # FLAIR-2 stores it scaled to 0..255
+                bar = figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+                bar.ax.tick_params(labelsize=6)
+                bar.set_label("elevation (0..255)", fontsize=6)
         ax.set_title(name, fontsize=7)
     handles = [Patch(facecolor=np.array(c.rgb) / 255, edgecolor="grey", label=c.name) for c in FLAIR_CLASSES]
     handles.append(Patch(facecolor=np.array(IGNORE_RGB) / 255, edgecolor="grey", label="unlabelled"))
@@ -113,9 +122,5 @@ def _draw(panels: list[tuple[str, np.ndarray | None, str | None]], path: Path, *
     top = 1 - (TITLE_PX + 22) / height  # 22 px: the first row's panel titles
     bottom = LEGEND_PX / height
     figure.subplots_adjust(left=0.01, right=0.99, top=top, bottom=bottom, hspace=0.35, wspace=0.05)
-    try:
-        with atomic_path(path, keep_suffix=True) as tmp:
-            figure.savefig(tmp, dpi=DPI)  # no bbox_inches: the size stays figure_size()
-    finally:
-        plt.close(figure)
-    return path
+    # PNG, and PDF/SVG for papers; no bbox_inches: the size stays figure_size()
+    return save_figure(figure, path, vector=True, dpi=DPI, bbox_inches=None)[0]

@@ -9,18 +9,20 @@ a run folder named ``x; rm -rf ~`` is just a strange path.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import ipaddress
 import logging
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 from types import FrameType
 
 from damformer.errors import DamformerError
-from damformer.tracking.mlflow_tracker import STORE_NAME
+from damformer.tracking.mlflow_tracker import ARTIFACT_ROOT, STORE_NAME
 from damformer.tracking.store_lock import store_opening
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,32 @@ def selected_experiment(store: Path, folders: list[Path]) -> str | None:
     return runs[0].info.experiment_id if runs else None
 
 
+def relocate_artifacts(store: Path) -> int:
+    """Re-point artifact locations that a moved or copied runs folder left behind; the count re-pointed.
+
+    MLflow records artifact locations as absolute paths (``file:///old/runs/demo/mlartifacts/...``). A
+    location that no longer exists, whose files sit in the ``mlartifacts`` folder beside the store, is
+    rewritten to point there: the copy's UI then lists and serves its artifacts. Nothing else changes.
+    """
+    here = (store.parent / ARTIFACT_ROOT).resolve()
+    tables = (("runs", "run_uuid", "artifact_uri"), ("experiments", "experiment_id", "artifact_location"))
+    updates: list[tuple[str, str, str, object]] = []
+    with store_opening(f"sqlite:///{store}"), contextlib.closing(sqlite3.connect(store)) as database:
+        for table, key, column in tables:
+            for row_id, location in database.execute(f"SELECT {key}, {column} FROM {table}").fetchall():
+                old = str(location or "").removeprefix("file://")
+                if f"/{ARTIFACT_ROOT}" not in old or Path(old).exists():
+                    continue
+                tail = old.split(f"/{ARTIFACT_ROOT}", 1)[1].lstrip("/")
+                new = here / tail
+                if new.exists():
+                    updates.append((table, column, f"file://{new}", (key, row_id)))
+        for table, column, value, (key, row_id) in updates:
+            database.execute(f"UPDATE {table} SET {column} = ? WHERE {key} = ?", (value, row_id))
+        database.commit()
+    return len(updates)
+
+
 def _check_port(host: str, port: int) -> None:
     """The port must be free: MLflow's own message for a busy port is buried among its start-up lines."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -118,6 +146,11 @@ def serve(paths: list[Path], *, host: str = DEFAULT_HOST, port: int = 5000) -> i
     The server runs in its own process group (MLflow starts worker processes): Ctrl-C and SIGTERM to
     this command stop the whole group, so no server is left listening after it.
     """
+    if importlib.util.find_spec("flask") is None:  # the server's own dependencies: the "ui" extra
+        raise UIError(
+            "the MLflow UI needs the full mlflow (training needs only the client, mlflow-skinny): "
+            "pip install 'damformer[ui]' (make demo installs it)"
+        )
     store = resolve_one_store(paths)
     command = ui_command(store, host=host, port=port)
     if not is_loopback(host):
@@ -128,6 +161,10 @@ def serve(paths: list[Path], *, host: str = DEFAULT_HOST, port: int = 5000) -> i
             port,
         )
     _check_port(host, port)
+    moved = relocate_artifacts(store)
+    if moved:
+        log.warning("%s: %d artifact location(s) pointed where the runs were before a move or copy; now to "
+                    "%s beside the store", store, moved, store.parent / ARTIFACT_ROOT)  # fmt: skip
     experiment = selected_experiment(store, paths)
     shown = f"[{host}]" if ":" in host else host
     # MLflow 3 opens an experiment on its GenAI overview: "/runs" is the table of training runs

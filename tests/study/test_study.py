@@ -85,6 +85,9 @@ def test_the_miniature_study_end_to_end(study_sets, tiny_shards, tmp_path, capsy
     # The figure: GT, RGB, NIR, elevation and the 4 configurations' predictions.
     with Image.open(out / "figure.png") as image:
         assert image.size == figure_size(4 + 4)
+    assert (out / "figure.pdf").read_bytes()[:5] == b"%PDF-" and b"<svg" in (out / "figure.svg").read_bytes()[
+        :400
+    ]
 
     # MLflow: one parent run holding the study's artifacts, the 8 trainings nested under it.
     from mlflow.tracking import MlflowClient
@@ -100,7 +103,7 @@ def test_the_miniature_study_end_to_end(study_sets, tiny_shards, tmp_path, capsy
     tagged = {(c.data.tags["model"], c.data.tags["inputs"], c.data.tags["seed"]) for c in children}
     assert tagged == {(f"{name} {inputs}", inputs, seed) for name, inputs in networks for seed in ("0", "1")}
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"results.md", "results.csv", "runs.csv", "figure.png"} <= artifacts
+    assert {"results.md", "results.csv", "runs.csv", "figure.png", "figure.pdf", "figure.svg"} <= artifacts
     assert parent.data.metrics[f"mIoU mean/{rows[0]['configuration']}"] == pytest.approx(
         float(rows[0]["miou13_mean"]), abs=1e-3
     )

@@ -1,7 +1,9 @@
 """MLflow tracking: a real server receives a run, a dead server costs seconds, the local store resumes."""
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,7 +114,15 @@ def test_a_real_server_receives_params_metrics_and_artifacts(mlflow_server, tiny
     listed = {f["path"] for f in _api(mlflow_server, "artifacts/list", run_id=run_id).get("files", [])}
     assert {"config.yaml", "history.json", "figures"} <= listed and "checkpoint" not in listed
     figures = _api(mlflow_server, "artifacts/list", run_id=run_id, path="figures")["files"]
-    assert {f["path"] for f in figures} == {"figures/confusion_matrix.png", "figures/prediction_mosaic.png"}
+    expected = {
+        "confusion_matrix.png",
+        "confusion_matrix.pdf",
+        "confusion_matrix.svg",
+        "prediction_mosaic.png",
+    }
+    assert {f["path"] for f in figures} == {
+        f"figures/{name}" for name in expected
+    }  # vector copies for papers
     assert all(int(f["file_size"]) > 5000 for f in figures)
 
 
@@ -246,27 +256,48 @@ def test_runs_side_by_side_share_one_store_for_compare_and_the_ui(tiny_overrides
         assert run.data.tags["checkpoint.sha256"] == sha256_file(folder / "checkpoint.pt")  # a reference
     assert (tmp_path / "mlartifacts").is_dir() and not list(tmp_path.glob("*/mlflow.db"))
 
+    with _ui(tmp_path) as (base, announced):
+        runs_page = f"{base}/#/experiments/{experiment.experiment_id}/runs"
+        assert runs_page in announced, announced
+        served = _api(base, "runs/search", {"experiment_ids": [experiment.experiment_id]})
+        assert len(served["runs"]) == 2
+        listed = _api(base, "artifacts/list", run_id=runs[0].info.run_id).get("files", [])
+        assert "figures" in {f["path"] for f in listed}
+
+    # The folder of runs copied elsewhere and the original deleted: the copy's UI still lists and serves
+    # every run's artifacts (their absolute locations are re-pointed to the copy's mlartifacts).
+    moved = tmp_path.parent / f"{tmp_path.name}-moved"
+    shutil.copytree(tmp_path, moved)
+    shutil.rmtree(tmp_path)
+    with _ui(moved) as (base, _):
+        for run in runs:
+            listed = _api(base, "artifacts/list", run_id=run.info.run_id).get("files", [])
+            assert {"config.yaml", "history.json", "figures"} <= {f["path"] for f in listed}, run.info.run_id
+            query = urllib.parse.urlencode({"path": "config.yaml", "run_uuid": run.info.run_id})
+            with urllib.request.urlopen(f"{base}/get-artifact?{query}", timeout=30) as response:
+                assert b"model:" in response.read()
+
+
+@contextlib.contextmanager
+def _ui(folder: Path):
+    """``damformer ui FOLDER`` on a free port, once it answers: (its base URL, its announced line)."""
     port = free_port()
     ui = subprocess.Popen(
-        [sys.executable, "-m", "damformer", "ui", str(tmp_path), "--port", str(port)],
+        [sys.executable, "-m", "damformer", "ui", str(folder), "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(), start_new_session=True,
     )  # fmt: skip
     try:
         announced = ui.stdout.readline()
-        runs_page = f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}/runs"
-        assert runs_page in announced, announced
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
         while True:
             try:
-                served = _api(base, "runs/search", {"experiment_ids": [experiment.experiment_id]})
+                _api(base, "experiments/search", {"max_results": 1})
                 break
             except (urllib.error.URLError, ConnectionError):
                 assert ui.poll() is None and time.monotonic() < deadline, ui.stderr.read()
                 time.sleep(0.5)
-        assert len(served["runs"]) == 2
-        listed = _api(base, "artifacts/list", run_id=runs[0].info.run_id).get("files", [])
-        assert "figures" in {f["path"] for f in listed}
+        yield base, announced
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         assert ui.wait(timeout=30) == 0  # Ctrl-C / SIGTERM stop the server group cleanly
