@@ -64,7 +64,9 @@ lock:
 	.lock-venv/bin/python -m pip install --quiet --upgrade pip
 	.lock-venv/bin/python -m pip install --quiet "$(TORCH_SPEC)" $(TORCH_INDEX_ARG)
 	.lock-venv/bin/python -m pip install --quiet ".[deepspeed,dev,ui]"
-	.lock-venv/bin/python -m pip freeze --exclude damformer --exclude torch > constraints.txt
+	printf '%s\n' "# Every dependency pinned: what \`make demo\` and \`make test\` install against (pip -c). Refresh: \`make lock\`" \
+		"# (resolves the newest versions pyproject.toml allows in a fresh virtualenv, then freezes them)." > constraints.txt
+	.lock-venv/bin/python -m pip freeze --exclude damformer --exclude torch >> constraints.txt
 	rm -rf .lock-venv
 
 clean-demo:
