@@ -358,3 +358,42 @@ def test_a_damaged_or_old_store_is_named_with_its_fix():
     assert "mlflow db upgrade sqlite:////data/runs/mlflow.db" in _damaged_store_hint(uri, old)
     assert _damaged_store_hint(uri, "database is locked") == ""
     assert _damaged_store_hint("http://127.0.0.1:5000", "table x already exists") == ""
+
+
+# What only the full mlflow (the "ui" extra: its server) brings; a training must not need any of it.
+SERVER_ONLY = (
+    "flask",
+    "flask_cors",
+    "gunicorn",
+    "pandas",
+    "pyarrow",
+    "sklearn",
+    "scipy",
+    "docker",
+    "graphene",
+)
+
+
+def test_training_tracks_to_a_local_store_without_the_ui_extra(tiny_overrides, tmp_path):
+    """As after pip install damformer (no [ui]): the server's packages cannot be imported, the training
+    still logs its run to the local sqlite store, and damformer ui says what to install."""
+    overrides = tiny_overrides(tmp_path / "run", **QUICK)
+    blocked = (
+        f"import sys\nfor name in {SERVER_ONLY!r}: sys.modules[name] = None  # any import of them fails\n"
+    )
+    train = blocked + (
+        "from damformer.cli import main\n"
+        f"sys.exit(main({['-q', 'train', '/dev/null', *[p for o in overrides for p in ('--set', o)]]!r}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", train], capture_output=True, text=True, check=False, env=clean_env()
+    )
+    assert result.returncode == 0 and "MLflow tracking" not in result.stderr, result.stderr[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("damformer").experiment_id])
+    assert run.info.status == "FINISHED" and "mIoU" in run.data.metrics
+    ui = blocked + f"from damformer.cli import main\nsys.exit(main(['ui', {str(tmp_path)!r}]))"
+    result = subprocess.run([sys.executable, "-c", ui], capture_output=True, text=True, check=False)
+    assert result.returncode == 2 and "pip install 'damformer[ui]'" in result.stderr, result.stderr
