@@ -12,13 +12,16 @@ from pathlib import Path
 from damformer.atomic import check_writable_folder
 from damformer.data.classes import FLAIR_CLASSES
 from damformer.errors import OptionError
+from damformer.predict.geotiff import check_writable, write_vrt
 from damformer.predict.mosaic import MosaicOptions, SentinelStack, check_mosaic, predict_mosaics
 from damformer.predict.run import Outputs, predict_flair2
 from damformer.predict.sliding import PatchPredictor
 from damformer.runtime.cpu_memory import retain_freed_memory
 from damformer.runtime.device import amp_context, resolve_device
-from damformer.runtime.distributed import distributed_session, sum_over_ranks
+from damformer.runtime.distributed import barrier, distributed_session, sum_over_ranks
 from damformer.runtime.model_files import open_model
+
+VRT_NAME = "maps.vrt"
 
 
 def check_predict_options(args: argparse.Namespace) -> int:
@@ -52,6 +55,7 @@ def check_predict_options(args: argparse.Namespace) -> int:
 def predict_command(args: argparse.Namespace) -> int:
     """Write the maps (and optional probabilities and quicklooks); FLAIR-2 patches are also scored."""
     stride = check_predict_options(args)
+    check_writable([args.out / VRT_NAME], overwrite=args.overwrite)
     loaded = open_model(args.checkpoint, teacher=args.teacher)  # a checkpoint, a run folder or an export
     model, model_config = loaded.model, loaded.config
     flair2 = len(args.src) == 1 and args.src[0].is_dir()
@@ -86,4 +90,9 @@ def predict_command(args: argparse.Namespace) -> int:
             )  # fmt: skip
             for source, path in zip(args.src[dist.rank :: dist.world_size], written, strict=True):
                 print(f"{source} -> {path}")
+        barrier(dist)  # every rank's maps are written
+        if dist.is_main:  # one layer for GIS users: every class map of the folder
+            maps = sorted(p for p in args.out.rglob("*.tif") if not p.name.endswith("_proba.tif"))
+            if write_vrt(maps, args.out / VRT_NAME) is not None:
+                print(f"mosaic of the {len(maps)} maps: {args.out / VRT_NAME}")
     return 0

@@ -13,19 +13,24 @@ Every file is written to a temporary name and renamed, so a crash never leaves a
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
-from xml.sax.saxutils import quoteattr
+from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 import rasterio
 import rasterio.enums
 import rasterio.windows
 from affine import Affine
+from rasterio.enums import Resampling
 
 from damformer.atomic import atomic_path, atomic_write_bytes
 from damformer.data.classes import LandCoverClass
 from damformer.errors import OutputExistsError
+
+log = logging.getLogger(__name__)
 
 
 def _block(size: int) -> int | None:
@@ -174,12 +179,79 @@ class MapWriter:
         return prediction
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, trace: object) -> None:
+        if kind is None:  # overviews: QGIS zooms out on a large map without reading every pixel
+            factors = overview_factors(*self.shape)
+            if factors:
+                self._files[0].build_overviews(factors, Resampling.mode)  # a class per pixel, never a mean
+                for dataset in self._files[1:]:
+                    dataset.build_overviews(factors, Resampling.average)
         for dataset in self._files:  # closed before the rename (or the removal, after an error)
             dataset.close()
         self._files.clear()
         self._stack.__exit__(kind, value, trace)  # success: rename into place; error: remove
         if kind is None:
             atomic_write_bytes(self.path.with_suffix(".qml"), qml_style(self.classes).encode())
+
+
+def overview_factors(height: int, width: int, smallest: int = 32) -> list[int]:
+    """Decimation factors 2, 4, 8 ... while the overview keeps at least ``smallest`` pixels a side."""
+    factors, factor = [], 2
+    while max(height, width) // factor >= smallest:
+        factors.append(factor)
+        factor *= 2
+    return factors
+
+
+def write_vrt(maps: Sequence[Path], path: Path) -> Path | None:
+    """``path``: one VRT mosaic of class maps of one CRS and pixel size (None when they are not alike).
+
+    QGIS or GDAL open the whole area as one layer, with the maps' colour table; the maps are referenced
+    by relative paths, so the folder can move.
+    """
+    if len(maps) < 2:
+        return None
+    grids = []
+    for map_path in maps:
+        with rasterio.open(map_path) as dataset:
+            grids.append((map_path, dataset.crs, dataset.transform, dataset.width, dataset.height))
+            colours = dataset.colormap(1)
+    crs, first = grids[0][1], grids[0][2]
+    if any(g[1] != crs or (g[2].a, g[2].e) != (first.a, first.e) for g in grids):
+        log.warning("%s: not written: the maps differ in CRS or pixel size", path)
+        return None
+    west = min(g[2].c for g in grids)
+    north = max(g[2].f for g in grids)
+    east = max(g[2].c + g[3] * g[2].a for g in grids)
+    south = min(g[2].f + g[4] * g[2].e for g in grids)
+    width, height = round((east - west) / first.a), round((south - north) / first.e)
+    lines = [
+        f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">',
+        f"  <SRS>{escape(crs.to_wkt())}</SRS>",
+        f"  <GeoTransform>{west!r}, {first.a!r}, 0, {north!r}, 0, {first.e!r}</GeoTransform>",
+        '  <VRTRasterBand dataType="Byte" band="1">',
+        f"    <NoDataValue>{CLASS_NODATA}</NoDataValue>",
+        "    <ColorInterp>Palette</ColorInterp>",
+        "    <ColorTable>",
+        *(
+            f'      <Entry c1="{r}" c2="{g}" c3="{b}" c4="{a}"/>'
+            for _, (r, g, b, a) in sorted(colours.items())
+        ),
+        "    </ColorTable>",
+    ]
+    for map_path, _, transform, map_width, map_height in grids:
+        col, row = round((transform.c - west) / first.a), round((transform.f - north) / first.e)
+        relative = os.path.relpath(map_path, path.parent)
+        lines += [
+            "    <SimpleSource>",
+            f'      <SourceFilename relativeToVRT="1">{escape(relative)}</SourceFilename>',
+            "      <SourceBand>1</SourceBand>",
+            f'      <SrcRect xOff="0" yOff="0" xSize="{map_width}" ySize="{map_height}"/>',
+            f'      <DstRect xOff="{col}" yOff="{row}" xSize="{map_width}" ySize="{map_height}"/>',
+            "    </SimpleSource>",
+        ]
+    lines += ["  </VRTRasterBand>", "</VRTDataset>"]
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    return path
 
 
 QUICKLOOK_SIDE = 2048  # pixels: a quicklook of a large map is read decimated, never whole

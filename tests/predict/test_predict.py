@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import rasterio.windows
 import torch
 from rasterio.transform import from_origin
 
@@ -578,3 +579,24 @@ def test_a_temporal_model_on_patches_too_small_for_its_crop_is_refused(
     err = capsys.readouterr().err
     assert "64 px x 0.2 m patches or windows cover 0.16 of a 8.0-pixel Sentinel-2 crop" in err, err
     assert "needs crops of at least 16 pixels" in err and not (tmp_path / "maps").exists()
+
+
+def test_maps_carry_overviews_and_a_vrt_mosaic_of_the_folder(checkpoints, tiny_shards, tmp_path):
+    out = tmp_path / "maps"
+    args = ["predict", "--checkpoint", str(checkpoints["aerial"]), "--src", str(_root(tiny_shards))]
+    assert main([*args, "--out", str(out), "--domains", "north"]) == 0
+    maps = sorted(p for p in out.rglob("*.tif"))
+    assert len(maps) >= 2
+    with rasterio.open(out / "maps.vrt") as mosaic:
+        assert (
+            mosaic.crs is not None and mosaic.count == 1 and mosaic.colormap(1)[4][:3] == FLAIR_CLASSES[4].rgb
+        )
+        for path in maps:
+            with rasterio.open(path) as single:
+                assert single.overviews(1) == [
+                    2
+                ]  # 64 px maps: one level (QGIS zooms out without reading all)
+                window = rasterio.windows.from_bounds(*single.bounds, transform=mosaic.transform)
+                assert np.array_equal(
+                    mosaic.read(1, window=window.round_offsets().round_lengths()), single.read(1)
+                )
