@@ -478,7 +478,7 @@ def _dates(path: Path, *lines: str) -> Path:
     return path
 
 
-def _stack(path: Path, value: float, dates: int = 2) -> Path:
+def _constant_stack(path: Path, value: float, dates: int = 2) -> Path:
     values = np.full((10 * dates, 60, 60), value, dtype=np.float32)
     return _write(path, values, from_origin(699800.0, 6600200.0, 10.0, 10.0))
 
@@ -507,7 +507,7 @@ def test_predict_refuses_inputs_that_would_map_wrongly(checkpoints, tiny_shards,
         "--src",
         str(mosaic),
     ]
-    good = _stack(tmp_path / "s2.tif", 1200)
+    good = _constant_stack(tmp_path / "s2.tif", 1200)
     for lines in (("2021-06-15", "2021-03-15"), ("2021-03-15", "2021-03-15")):
         dates = _dates(tmp_path / "dates.txt", *lines)
         assert (
@@ -515,7 +515,7 @@ def test_predict_refuses_inputs_that_would_map_wrongly(checkpoints, tiny_shards,
         )
         assert f"line 2: {lines[1]} is not after {lines[0]}" in capsys.readouterr().err
     dates = _dates(tmp_path / "dates.txt", "2021-03-15", "2021-06-15")
-    unit = _stack(tmp_path / "s2_unit.tif", 0.12)
+    unit = _constant_stack(tmp_path / "s2_unit.tif", 0.12)
     assert main([*temporal, "--out", str(tmp_path / "u"), "--s2", str(unit), "--s2-dates", str(dates)]) == 2
     assert "the model reads L2A reflectance x 10000" in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in ("twins", "s", "w", "d", "u"))
@@ -557,7 +557,7 @@ def test_stack_dates_start_where_training_puts_them(tmp_path, caplog):
     from damformer.predict.stack import SentinelStack
 
     dates = _dates(tmp_path / "dates.txt", "2020-12-15", "2021-02-15", "2021-06-15")
-    stack = SentinelStack.open(_stack(tmp_path / "s2.tif", 1200, dates=3), dates)
+    stack = SentinelStack.open(_constant_stack(tmp_path / "s2.tif", 1200, dates=3), dates)
     # May 15 of 2021, the year two of the three dates fall in (not 2020, the first date's year)
     assert list(stack.day_offsets) == [-151, -89, 31]
     assert "Sentinel-2 day offsets from 2021-05-15: May 15 of 2021, the year 2 of the 3 dates fall in" in (
