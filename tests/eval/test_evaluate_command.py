@@ -3,10 +3,10 @@
 import json
 import math
 import subprocess
-import sys
 
 from damformer.config import load_config
 from damformer.engine.train import Trainer
+from tests.helpers import damformer_command
 
 
 def test_evaluate_json_is_strict_json_with_the_printed_scores(tiny_overrides, tiny_shards, tmp_path):
@@ -14,17 +14,7 @@ def test_evaluate_json_is_strict_json_with_the_printed_scores(tiny_overrides, ti
         load_config(None, tiny_overrides(tmp_path / "run", optim={"max_iters": 2}, eval={"interval": 0}))
     ).run()
     checkpoint, shards = str(tmp_path / "run" / "checkpoint.pt"), str(tiny_shards["north-test"])
-    command = [
-        sys.executable,
-        "-m",
-        "damformer",
-        "-q",
-        "evaluate",
-        "--checkpoint",
-        checkpoint,
-        "--shards",
-        shards,
-    ]
+    command = damformer_command("evaluate", "--checkpoint", checkpoint, "--shards", shards)
     table = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     printed = subprocess.run([*command, "--json"], capture_output=True, text=True, check=True).stdout
     scores = json.loads(printed, parse_constant=lambda name: (_ for _ in ()).throw(ValueError(name)))

@@ -16,7 +16,7 @@ from damformer.engine.train import Trainer
 from damformer.shards.format import ShardFormatError
 from damformer.shards.manifest import MANIFEST_NAME, load_manifest
 from damformer.shards.shardset import ShardSet
-from tests.helpers import train_command
+from tests.helpers import damformer_command, train_command
 
 NO_EVAL = {"eval": {"interval": 0}}
 
@@ -133,15 +133,7 @@ def test_an_output_dir_that_is_a_file_or_read_only_is_one_line(tiny_overrides, t
 def test_evaluate_refuses_unlabelled_shards_and_a_zero_batch(tiny_overrides, tiny_shards, tmp_path):
     run = tmp_path / "run"
     Trainer(load_config(None, tiny_overrides(run, **NO_EVAL))).run(stop_after=1)
-    evaluate = [
-        sys.executable,
-        "-m",
-        "damformer",
-        "-q",
-        "evaluate",
-        "--checkpoint",
-        str(run / "checkpoint.pt"),
-    ]
+    evaluate = damformer_command("evaluate", "--checkpoint", str(run / "checkpoint.pt"))
     result = subprocess.run(
         [*evaluate, "--shards", str(tiny_shards["north"])], capture_output=True, text=True
     )
