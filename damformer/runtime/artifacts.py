@@ -108,6 +108,7 @@ def run_folder_lock(folder: Path) -> Iterator[None]:
     Raises:
         RunFolderBusyError: naming the holder.
     """
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     handle = (folder / LOCK_NAME).open("a+")
     try:
@@ -127,6 +128,12 @@ def run_folder_lock(folder: Path) -> Iterator[None]:
         handle.write(f"PID {os.getpid()} on {socket.gethostname()}, since {started}\n")
         handle.flush()
         yield
+    except BaseException:
+        if created and [path.name for path in folder.iterdir()] == [LOCK_NAME]:
+            with contextlib.suppress(OSError):  # refused before it wrote anything (--resume, no checkpoint):
+                (folder / LOCK_NAME).unlink()  # no empty run folder is left behind
+                folder.rmdir()
+        raise
     finally:
         handle.close()
 

@@ -91,14 +91,26 @@ def test_resume_on_one_then_three_ranks_equals_the_uninterrupted_run(tiny_overri
     sections = {**epochs, "optim": {**EQUIVALENT["optim"], "max_iters": 6, "grad_accum": 3}}  # global batch 6
     with one_thread():
         single = {**sections, "optim": {**sections["optim"], "grad_accum": 6}}
-        Trainer(load_config(None, tiny_overrides(tmp_path / "full", **single))).run()
+        reference = Trainer(load_config(None, tiny_overrides(tmp_path / "full", **single)))
+        initial = {f"student.{k}": v.clone() for k, v in reference.model.state_dict().items()}
+        reference.run()
     cut = tiny_overrides(tmp_path / "cut", **sections)
     run(torchrun(standalone(2), cut, "--stop-after", "2"))
     with one_thread():
         Trainer(load_config(None, cut)).run(resume=True, stop_after=4)  # accumulation 6 on one process
     result = run(torchrun(standalone(3), cut, "--resume"))  # accumulation 2 on three
     assert "gradient accumulation 2" in result.stderr
-    final, full = _same_training(tmp_path / "cut", tmp_path / "full")
+    # Three ranks sum gradients in another order than one process (a + b + c is not exact in every
+    # order), and Adam turns last-bit noise of near-zero components into whole steps: element-wise, the
+    # weights differ by up to 5e-4 after 6 steps (measured), while every loss agrees to 1e-4. So the
+    # weights are compared as updates: the resumed run's distance from the uninterrupted one against the
+    # distance that run travelled from the initial weights. Measured: 0.08%; 5 samples a step instead of 6
+    # gives 54%, the same start with another sample order 103%.
+    ours, one = student(tmp_path / "cut" / "checkpoint.pt"), student(tmp_path / "full" / "checkpoint.pt")
+    apart = sum(float((ours[name] - tensor).square().sum()) for name, tensor in one.items())
+    travelled = sum(float((tensor - initial[name]).square().sum()) for name, tensor in one.items())
+    assert (apart / travelled) ** 0.5 < 0.05
+    final, full = (load_checkpoint(tmp_path / name / "checkpoint.pt") for name in ("cut", "full"))
     assert final["iteration"] == 6 and final["world_size"] == 3 and final["global_batch"] == 6
     assert final["streams"]["source"]["position"] == full["streams"]["source"]["position"] == 36
     for a, b in zip(final["history"], full["history"], strict=True):
