@@ -12,7 +12,8 @@
 #          iteration in fp32, fp16, bf16 and compiled bf16 at batch 8 + 8, and the busy share at 2 + 2
 #   demo   the whole demo DAM-Former training (MiT-b0, 128 px, batch 4, 600 iterations) on the GPU in bf16
 #          (DEMO_PRECISIONS="bf16 fp16" adds fp16): it/s, with nvidia-smi's utilisation every second
-#          (DEVICE=cpu DEMO_ITERS=4 STEPS=demo checks this step's plumbing on a machine without a GPU)
+#          (DEVICE=cpu DEMO_ITERS=4 STEPS=demo checks this step's plumbing on a machine without a GPU;
+#          MINIATURE_SYNTH_ARGS="--zones-per-domain 1 ..." makes its data smaller for that check)
 #   tests  the tests that skip without a GPU: no host sync inside a step (set_sync_debug_mode error),
 #          DeepSpeed ZeRO-2 fp16 with loss scaling
 # Record the figures in benchmarks/RESULTS.md with the GPU's name (nvidia-smi.txt).
@@ -44,11 +45,11 @@ step() {  # step NAME LIMIT_S COMMAND...: run it under a time limit, log to OUT/
 }
 
 demo_speed() {  # demo_speed PRECISION OUT WORK: the demo DAM-Former on the GPU; its last log line gives it/s
-    local precision=$1 out=$2 work=$3 iters=${DEMO_ITERS:-600} sampler  # the demo's 600, half source-only
+    local precision=$1 out=$2 work=$3 iters=${DEMO_ITERS:-600}  # the demo's 600, half source-only
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -l 1 \
         > "$out/demo-$precision-utilisation.csv" 2>&1 &
-    sampler=$!
-    trap 'kill "$sampler" 2>/dev/null' EXIT  # also when the step's time limit ends this shell
+    # The sampler's pid is put into the trap now: a local variable is gone when the EXIT trap runs.
+    trap "kill $! 2>/dev/null" EXIT  # also when the step's time limit ends this shell
     damformer -q --log-level INFO train configs/demo/damformer.yaml --output-dir "$work/demo-$precision" \
         --set data.source="[$work/data/shards/south]" --set data.target="[$work/data/shards/north]" \
         --set data.target_test="[$work/data/shards/north-test]" --set run.device="${DEVICE:-cuda}" \

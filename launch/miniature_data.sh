@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The built-in miniature FLAIR-2 and its shards: what the demo and the miniature studies train on.
 #   usage: launch/miniature_data.sh [OUT_DIR]      (default runs/demo; damformer must be on PATH)
+#   MINIATURE_SYNTH_ARGS="--zones-per-domain 1 --test-zones-per-domain 1 --patches-per-zone 4": extra
+#   `damformer synth` options, given last so that they win (a smaller copy for a plumbing check).
 # Writes OUT/flair2 (2 south + 2 north domains; per domain 3 train zones and 4 test zones of 16 patches
 # of 128 px), reads and validates the source and target domains, and shards them into OUT/shards:
 # south (labelled source), north (target, labels dropped), north-test (labelled target test split),
@@ -12,7 +14,7 @@ mkdir -p "$out"
 
 echo "== miniature FLAIR-2 -> $out/flair2"
 damformer synth --out "$out/flair2" --overwrite --patch-size 128 --zones-per-domain 3 --test-zones-per-domain 4 \
-    --patches-per-zone 16
+    --patches-per-zone 16 ${MINIATURE_SYNTH_ARGS:-}  # unquoted on purpose: one word per option
 
 echo "== south domains (UDA source), train split"
 damformer read --root "$out/flair2" --domains south

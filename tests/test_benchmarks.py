@@ -117,6 +117,8 @@ def test_the_loader_benchmark_compares_our_reader_webdataset_and_the_raw_tree(tm
 def test_the_gpu_session_script_runs_its_steps_under_limits_and_summarises(tmp_path):
     """benchmarks/gpu_session.sh, the demo step on the CPU (DEVICE=cpu): its plumbing, before a GPU loan."""
     env = dict(os.environ, STEPS="demo nonsense", DEVICE="cpu", DEMO_ITERS="2")
+    # the plumbing, not the demo's data: a smaller miniature (the 448-patch one takes minutes on 2 cores)
+    env["MINIATURE_SYNTH_ARGS"] = "--zones-per-domain 1 --test-zones-per-domain 1 --patches-per-zone 4"
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # damformer of this interpreter
     command = ["bash", str(BENCHMARKS / "gpu_session.sh"), "run", str(tmp_path / "out")]
     typo = subprocess.run(command, capture_output=True, text=True, check=False, env=env, timeout=60)
@@ -128,6 +130,7 @@ def test_the_gpu_session_script_runs_its_steps_under_limits_and_summarises(tmp_p
     summary = (tmp_path / "out" / "summary.txt").read_text().splitlines()
     assert [line.split(":")[0] for line in summary] == ["demo-data", "demo-bf16"], summary
     assert all(": exit 0 after " in line for line in summary), summary
+    assert "unbound variable" not in result.stdout + result.stderr  # every shell variable set where used
     training = (tmp_path / "out" / "demo-bf16.log").read_text()
     assert "it 2/2 " in training and "it/s" in training and "on cpu" in training
     usage = subprocess.run(["bash", str(BENCHMARKS / "gpu_session.sh")], capture_output=True, text=True)

@@ -48,7 +48,7 @@ def test_resume_continues_exactly(tiny_overrides, tmp_path):
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(tiny_overrides, tmp_path):
-    iterations = {"optim": {"max_iters": 24}, "eval": {"interval": 0}}
+    iterations = {"optim": {"max_iters": 12}, "eval": {"interval": 0}}
     full, _ = _train(tiny_overrides(tmp_path / "full", **iterations))
     command = [sys.executable, "-m", "damformer", "-q", "train", "/dev/null"]
     for assignment in tiny_overrides(tmp_path / "killed", **iterations):
@@ -57,18 +57,18 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tiny_overrides, tmp
     checkpoint = tmp_path / "killed" / "checkpoint.pt"
     watch, deadline = CheckpointWatch(checkpoint), time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
-        if 4 <= (watch.iteration() or 0) < 20:
+        if 4 <= (watch.iteration() or 0) < 10:
             break
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     killed_at = load_checkpoint(checkpoint)["iteration"]
-    assert killed_at < 24
+    assert killed_at < 12
     resume = subprocess.run([*command, "--resume"], capture_output=True, text=True, check=False)
     assert resume.returncode == 0, resume.stderr
     final = load_checkpoint(checkpoint)
-    assert final["iteration"] == 24
+    assert final["iteration"] == 12
     assert final["history"] == full.history
     for name, tensor in full.uda.state_dict().items():
         assert torch.equal(final["uda"][name], tensor), name

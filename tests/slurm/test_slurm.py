@@ -139,8 +139,12 @@ def _submit_study(
 def test_study_job_array_with_a_requeued_task_equals_a_local_run(slurm, study_file, study_sets, tmp_path):
     """slurm/study.sh: 2 configs x 2 seeds as a job array + the collecting job; one task is sent the
     pre-timeout signal mid-run, checkpoints, requeues and resumes: the table equals a local run's."""
-    study = study_file(tmp_path / "grid", ["unet_t-rgbne", "unet_c-rgbne"], seeds=[0, 1])
-    sets = study_sets(**{"optim.max_iters": 30, "log.checkpoint_interval": 1})
+    # unet_t-rgbne trains 30 iterations, time enough to be signalled mid-run; unet_c-rgbne 3. The counts
+    # sit in the study file (the command line's --set would win over an entry's).
+    unet_t = Path(__file__).parents[2] / "configs" / "ablation" / "unet_t-rgbne.yaml"
+    entries = [f"{{name: unet_t-rgbne, config: {unet_t}, set: {{optim.max_iters: 30}}}}", "unet_c-rgbne"]
+    study = study_file(tmp_path / "grid", entries, seeds=[0, 1], extra_set={"optim.max_iters": 3})
+    sets = [s for s in study_sets(**{"log.checkpoint_interval": 1}) if not s.startswith("optim.max_iters=")]
     study_options = ["--output-dir", str(tmp_path / "slurm-study")] + [p for s in sets for p in ("--set", s)]
     # one process per run, as the local study
     array, collect = _submit_study(slurm, study, tmp_path, study_options, processes=1, cpus=1, runs=4)

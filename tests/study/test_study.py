@@ -113,11 +113,14 @@ UNET_T = ROOT / "configs" / "ablation" / "unet_t-rgbne.yaml"
 
 
 def test_a_killed_study_reruns_without_training_a_run_twice(study_sets, study_file, tmp_path):
-    study = study_file(
-        tmp_path / "killed", [f"{{name: first, config: {UNET_T}}}", f"{{name: second, config: {UNET_T}}}"]
-    )
+    iterations = 20
+    # The first run is short (it only has to finish before the kill); the second is long enough to be
+    # stopped mid-run. The iteration counts sit in the study file: the command line's --set would win.
+    first_entry = f"{{name: first, config: {UNET_T}, set: {{optim.max_iters: 3}}}}"
+    entries = [first_entry, f"{{name: second, config: {UNET_T}}}"]
+    study = study_file(tmp_path / "killed", entries, extra_set={"optim.max_iters": iterations})
     out = tmp_path / "out"
-    sets = study_sets(**{"optim.max_iters": 60, "log.tracking": False})
+    sets = [s for s in study_sets(**{"log.tracking": False}) if not s.startswith("optim.max_iters=")]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(_study_command(study, out, sets), stderr=subprocess.PIPE, text=True, env=env)
     first, second = out / "runs" / "first" / "seed-0", out / "runs" / "second" / "seed-0"
@@ -130,7 +133,7 @@ def test_a_killed_study_reruns_without_training_a_run_twice(study_sets, study_fi
     _, err = process.communicate(timeout=120)
     assert process.returncode == 75, err[-2000:]  # stopped on request: run it again
     stopped_at = load_checkpoint(second / "checkpoint.pt")["iteration"]
-    assert 0 < stopped_at < 60
+    assert 0 < stopped_at < iterations
     finished_first = (first / "checkpoint.pt").stat().st_mtime_ns
 
     again = subprocess.run(_study_command(study, out, sets), capture_output=True, text=True, check=False)
@@ -142,7 +145,8 @@ def test_a_killed_study_reruns_without_training_a_run_twice(study_sets, study_fi
         log.count("\n=== ") == 2
         and f"resumed from {second / 'checkpoint.pt'} at iteration {stopped_at}" in log
     )
-    assert len(load_checkpoint(second / "checkpoint.pt")["history"]) == 60
+    assert len(load_checkpoint(second / "checkpoint.pt")["history"]) == iterations
+    assert load_checkpoint(first / "checkpoint.pt")["iteration"] == 3
     record = json.loads((out / "study.json").read_text())["runs"]["second/seed-0"]
     assert record["attempts"] == 2 and record["status"] == "finished"
 
