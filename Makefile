@@ -47,8 +47,9 @@ lint: install
 # Two pytest workers (CI has two cores), one thread each (tests/conftest.py). Much of the suite waits
 # on subprocesses, Slurm and sockets: the other worker runs then. --dist loadfile keeps a file's tests
 # on one worker, so each module-scoped fixture (trained checkpoints, the Slurm cluster) is built once
-# (--dist loadgroup, single tests handed out, measured no faster: 946 s against 918 s). Files go out
-# heaviest first (tests/conftest.py HEAVY_FIRST), not by their number of tests (xdist's reorder).
+# (--dist loadgroup, single tests handed out, measured no faster: 946 s against 918 s; nor a third
+# worker on the 2 cores: 1188 s against 1186 s on a clean clone, 2026-12-03, the long files only get
+# slower). Files go out heaviest first (tests/conftest.py HEAVY_FIRST), not by their number of tests.
 test: lint
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m damformer.engine.strategies.deepspeed
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
