@@ -173,7 +173,10 @@ REPO = Path(__file__).parents[1]
 
 
 def _study_sets(shards: dict[str, Path], **extra) -> list[str]:
-    """--set values that put a study on the tiny shards (64 px patches) for a few iterations."""
+    """--set values that put a study on the tiny shards (64 px patches) for a few iterations.
+
+    An ``extra`` value of None leaves that key out, to the study file (the command line would win).
+    """
     values = {
         "data.source": [str(shards["south"])],
         "data.target": [str(shards["north"])],
@@ -188,7 +191,7 @@ def _study_sets(shards: dict[str, Path], **extra) -> list[str]:
         "log.mosaic_patches": 1,
     }
     values.update(extra)
-    return [f"{key}={_yaml(value)}" for key, value in values.items()]
+    return [f"{key}={_yaml(value)}" for key, value in values.items() if value is not None]
 
 
 def _study_file(folder: Path, entries: list[str], *, seeds=(0,), extra_set: dict | None = None) -> Path:

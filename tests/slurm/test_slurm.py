@@ -16,6 +16,7 @@ from tests.helpers.torchrun import clean_env
 
 pytestmark = pytest.mark.timeout(600)
 SLURM = Path(__file__).parents[2] / "slurm"
+UNET_T = SLURM.parent / "configs" / "ablation" / "unet_t-rgbne.yaml"
 # One node without GPUs: the script's V100 defaults overridden on the sbatch line, as a user would.
 CPU_JOB = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=15"]
 
@@ -141,10 +142,9 @@ def test_study_job_array_with_a_requeued_task_equals_a_local_run(slurm, study_fi
     pre-timeout signal mid-run, checkpoints, requeues and resumes: the table equals a local run's."""
     # unet_t-rgbne trains 30 iterations, time enough to be signalled mid-run; unet_c-rgbne 3. The counts
     # sit in the study file (the command line's --set would win over an entry's).
-    unet_t = Path(__file__).parents[2] / "configs" / "ablation" / "unet_t-rgbne.yaml"
-    entries = [f"{{name: unet_t-rgbne, config: {unet_t}, set: {{optim.max_iters: 30}}}}", "unet_c-rgbne"]
+    entries = [f"{{name: unet_t-rgbne, config: {UNET_T}, set: {{optim.max_iters: 30}}}}", "unet_c-rgbne"]
     study = study_file(tmp_path / "grid", entries, seeds=[0, 1], extra_set={"optim.max_iters": 3})
-    sets = [s for s in study_sets(**{"log.checkpoint_interval": 1}) if not s.startswith("optim.max_iters=")]
+    sets = study_sets(**{"optim.max_iters": None, "log.checkpoint_interval": 1})
     study_options = ["--output-dir", str(tmp_path / "slurm-study")] + [p for s in sets for p in ("--set", s)]
     # one process per run, as the local study
     array, collect = _submit_study(slurm, study, tmp_path, study_options, processes=1, cpus=1, runs=4)
@@ -184,10 +184,9 @@ def test_study_trainings_keep_the_configs_global_batch_on_two_ranks(slurm, study
     """slurm/study.sh with two processes per training (a 2-GPU allocation's shape): the cell that states
     a global batch of 2 trains with 2 (1 per rank); the one that states 3 stops at start, naming the
     process counts that can split it."""
-    cell = Path(__file__).parents[2] / "configs" / "ablation" / "unet_t-rgbne.yaml"
     entries = [
-        f"{{name: two, config: {cell}, set: {{data.global_batch: 2}}}}",
-        f"{{name: three, config: {cell}, set: {{data.global_batch: 3}}}}",
+        f"{{name: two, config: {UNET_T}, set: {{data.global_batch: 2}}}}",
+        f"{{name: three, config: {UNET_T}, set: {{data.global_batch: 3}}}}",
     ]
     study = study_file(tmp_path / "batch", entries, seeds=[0])
     sets = study_sets(**{"optim.max_iters": 2, "log.tracking": False})
